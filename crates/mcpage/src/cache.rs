@@ -1,0 +1,411 @@
+//! [`Cache`]: the shared handle behind the layer, the invalidator and the CLI,
+//! and the write path of DESIGN.md (register, store, recheck).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use memcache::exp::{Arithmetic, Delete, Get, Meta, MutationStatus, Set, Ttl};
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Compiled, Config};
+use crate::error::{Error, Result};
+use crate::invalidate::Invalidator;
+use crate::key::{KeyScheme, KeySkip, PageKey};
+use crate::policy::Bypass;
+use crate::store::{Mode, Pool};
+use crate::tags::{self, IndexKeys};
+
+/// A connected page cache: configuration, memcached pools and counters.
+/// Cheap to clone; clones share everything.
+#[derive(Clone, Debug)]
+pub struct Cache {
+    pub(crate) inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) config: Config,
+    pub(crate) compiled: Compiled,
+    pub(crate) keys: KeyScheme,
+    pub(crate) pages: Arc<Pool>,
+    pub(crate) index: Arc<Pool>,
+    pub(crate) index_keys: IndexKeys,
+    pub(crate) metrics: Metrics,
+    writes: TaskTracker,
+}
+
+/// Counters since start; see [`Cache::stats`].
+#[derive(Debug, Default)]
+pub(crate) struct Metrics {
+    pub(crate) stores: AtomicU64,
+    pub(crate) store_errors: AtomicU64,
+    pub(crate) retracted: AtomicU64,
+    pub(crate) misses: AtomicU64,
+    pub(crate) shared: AtomicU64,
+    pub(crate) bypass: [AtomicU64; Bypass::ALL.len()],
+    pub(crate) invalidations: AtomicU64,
+    pub(crate) invalidation_errors: AtomicU64,
+    pub(crate) pages_removed: AtomicU64,
+}
+
+impl Metrics {
+    pub(crate) fn bypassed(&self, reason: Bypass) {
+        self.bypass[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A snapshot of the counters, for `/_mcpage/metrics` and `mcpage stats`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CacheStats {
+    /// Pages stored in memcached.
+    pub stores: u64,
+    /// Stores that failed (memcached error, breaker open, index full).
+    pub store_errors: u64,
+    /// Pages deleted again right after storing, because a tag was invalidated during the render.
+    pub retracted: u64,
+    /// Cacheable requests that reached the application.
+    pub misses: u64,
+    /// Requests answered from another request's render (single-flight).
+    pub shared: u64,
+    /// Requests not cached, by reason.
+    pub bypass: Vec<(Bypass, u64)>,
+    /// Completed invalidation calls.
+    pub invalidations: u64,
+    /// Invalidation calls that returned an error.
+    pub invalidation_errors: u64,
+    /// Pages removed by invalidation.
+    pub pages_removed: u64,
+    /// Per memcached server: (name, breaker open now, times opened).
+    pub servers: Vec<(String, bool, u64)>,
+}
+
+/// What the layer hands to the write path.
+#[derive(Debug)]
+pub(crate) struct PageWrite {
+    pub(crate) key: PageKey,
+    pub(crate) body: Bytes,
+    pub(crate) ttl: u32,
+    pub(crate) tags: Vec<String>,
+    /// The invalidation clock read before the render started.
+    pub(crate) clock: u64,
+}
+
+/// How a write ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Written {
+    Stored,
+    /// Stored, then deleted: an invalidation overlapped the render.
+    Retracted,
+}
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+fn parse_clock(value: Option<&[u8]>) -> Option<u64> {
+    value
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Clock items are never older than this; a clock that expires is recreated
+/// at the current time in microseconds, which is above every value handed out.
+const CLOCK_TTL_SECS: u32 = 30 * 24 * 3600;
+
+impl Cache {
+    /// Validate `config` and set up the memcached pools (connections are dialed lazily).
+    pub async fn connect(config: &Config) -> Result<Cache> {
+        let compiled = config.compile()?;
+        let m = &config.memcached;
+        let pages = Arc::new(Pool::connect(&m.servers, m.hashing, m).await?);
+        let index = if m.index_servers.is_empty() {
+            Arc::clone(&pages)
+        } else {
+            Arc::new(Pool::connect(&m.index_servers, m.hashing, m).await?)
+        };
+        let keys = KeyScheme::new(
+            config.keys.prefix.as_bytes().to_vec(),
+            config.keys.query,
+            config.keys.merge_slashes,
+            config.keys.host,
+        );
+        Ok(Cache {
+            inner: Arc::new(Inner {
+                index_keys: IndexKeys::new(&config.cache.index_namespace, config.cache.index_shards),
+                config: config.clone(),
+                compiled,
+                keys,
+                pages,
+                index,
+                metrics: Metrics::default(),
+                writes: TaskTracker::new(),
+            }),
+        })
+    }
+
+    /// The configuration this cache runs on.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The handle for removing pages.
+    pub fn invalidator(&self) -> Invalidator {
+        Invalidator::new(self.clone())
+    }
+
+    /// The nginx key for a request target (and, in host mode, the Host header).
+    pub fn page_key(&self, host: Option<&[u8]>, target: &[u8]) -> Result<PageKey, KeySkip> {
+        self.inner.keys.page_key(host, target)
+    }
+
+    /// The memcached server (as written in the config) nginx asks for `key`.
+    pub fn server_for(&self, key: &PageKey) -> &str {
+        &self.inner.pages.route(&key.value).name
+    }
+
+    /// Wait until every background write started so far has finished.
+    /// Useful before shutdown and in tests; requests never wait on it.
+    pub async fn settle(&self) {
+        let writes = &self.inner.writes;
+        writes.close();
+        writes.wait().await;
+        writes.reopen();
+    }
+
+    /// Counters since start.
+    pub fn stats(&self) -> CacheStats {
+        let m = &self.inner.metrics;
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut servers = Vec::new();
+        for pool in [&self.inner.pages, &self.inner.index] {
+            for server in pool.servers() {
+                if !servers.iter().any(|(name, _, _)| name == &server.name) {
+                    servers.push((server.name.clone(), server.breaker.is_open(), server.breaker.opened_total()));
+                }
+            }
+        }
+        CacheStats {
+            stores: load(&m.stores),
+            store_errors: load(&m.store_errors),
+            retracted: load(&m.retracted),
+            misses: load(&m.misses),
+            shared: load(&m.shared),
+            bypass: Bypass::ALL.iter().map(|b| (*b, load(&m.bypass[b.index()]))).collect(),
+            invalidations: load(&m.invalidations),
+            invalidation_errors: load(&m.invalidation_errors),
+            pages_removed: load(&m.pages_removed),
+            servers,
+        }
+    }
+
+    /// Read the invalidation clock G (creating it when missing). Request path:
+    /// honours the breaker, so an index outage costs one timeout per cooldown.
+    pub(crate) async fn read_clock(&self, mode: Mode) -> Result<u64> {
+        self.bump_clock(mode, 0).await
+    }
+
+    /// Add `delta` to the clock and return the new value.
+    pub(crate) async fn bump_clock(&self, mode: Mode, delta: u64) -> Result<u64> {
+        let key = self.inner.index_keys.clock();
+        let server = self.inner.index.route(&key);
+        let op = Arithmetic::new(&key).delta(delta).initial(now_micros(), CLOCK_TTL_SECS);
+        let result = server.run(mode, op).await?;
+        result.value.ok_or_else(|| Error::Protocol {
+            server: server.name.clone(),
+            message: "clock increment returned no value".to_owned(),
+        })
+    }
+
+    /// Lifetime of index items and clocks: longer than any page they cover.
+    pub(crate) fn index_ttl(&self) -> u32 {
+        self.inner.config.cache.ttl_secs.saturating_add(tags::INDEX_TTL_MARGIN_SECS)
+    }
+
+    /// Start the write path for a rendered page off the response path.
+    pub(crate) fn spawn_write(&self, page: PageWrite) {
+        let cache = self.clone();
+        self.inner.writes.spawn(async move {
+            match cache.write(&page).await {
+                Ok(Written::Stored) => {
+                    cache.inner.metrics.stores.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(Written::Retracted) => {
+                    cache.inner.metrics.retracted.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(key = %String::from_utf8_lossy(&page.key.key), "invalidated during render; not kept");
+                }
+                Err(error) => {
+                    cache.inner.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(key = %String::from_utf8_lossy(&page.key.key), %error, "page not cached");
+                }
+            }
+        });
+    }
+
+    /// Register in every tag's index, store, then recheck the clocks.
+    pub(crate) async fn write(&self, page: &PageWrite) -> Result<Written> {
+        self.register(page).await?;
+        let server = self.inner.pages.route(&page.key.value);
+        let (body, flags) = self.encode_body(&page.body)?;
+        let set = Set::new(&page.key.key, body).client_flags(flags).ttl(Ttl::secs(page.ttl));
+        let stored = server.run(Mode::FailFast, set).await?;
+        if !stored.applied() {
+            return Err(Error::Protocol {
+                server: server.name.clone(),
+                message: format!("page store answered {:?}", stored.status),
+            });
+        }
+        if self.invalidated_since(page).await {
+            server.run(Mode::Always, Delete::new(&page.key.key)).await?;
+            return Ok(Written::Retracted);
+        }
+        Ok(Written::Stored)
+    }
+
+    fn encode_body(&self, body: &Bytes) -> Result<(Vec<u8>, u32)> {
+        let cache = &self.inner.config.cache;
+        let (bytes, flags) = if cache.gzip {
+            use std::io::Write;
+            let mut encoder = flate2::write::GzEncoder::new(Vec::with_capacity(body.len() / 3), flate2::Compression::fast());
+            encoder
+                .write_all(body)
+                .and_then(|()| encoder.finish())
+                .map(|gz| (gz, cache.gzip_flag))
+                .map_err(|e| Error::Invalid(format!("gzip failed: {e}")))?
+        } else {
+            (body.to_vec(), 0)
+        };
+        if bytes.len() > cache.max_body_bytes {
+            return Err(Error::Invalid(format!(
+                "body of {} bytes exceeds cache.max_body_bytes ({})",
+                bytes.len(),
+                cache.max_body_bytes
+            )));
+        }
+        Ok((bytes, flags))
+    }
+
+    /// Did an invalidation of one of the page's tags, of its URL, or a purge
+    /// advance past the clock read before the render? Unreadable counts as yes.
+    async fn invalidated_since(&self, page: &PageWrite) -> bool {
+        let ik = &self.inner.index_keys;
+        let mut keys: Vec<Vec<u8>> = page.tags.iter().map(|tag| ik.tag_clock(tag)).collect();
+        keys.push(ik.url_clock(&page.key.key));
+        keys.push(ik.purge_clock());
+        let ops = keys.into_iter().map(|k| (k.clone(), Get::new(k))).collect();
+        self.inner
+            .index
+            .run_routed(Mode::Always, ops)
+            .await
+            .iter()
+            .any(|result| match result {
+                Ok(r) if r.hit() => parse_clock(r.value.as_deref()).is_none_or(|tc| tc > page.clock),
+                Ok(_) => false,
+                Err(_) => true,
+            })
+    }
+
+    /// Append the page key to one shard of every tag, compacting shards that
+    /// have doubled since their last compaction.
+    async fn register(&self, page: &PageWrite) -> Result<()> {
+        if page.tags.is_empty() {
+            return Ok(());
+        }
+        let ik = &self.inner.index_keys;
+        let max = self.inner.config.cache.index_shard_max_bytes;
+        let ttl = self.index_ttl();
+        let record = tags::record(&page.key.key);
+        let shards: Vec<Vec<u8>> = page.tags.iter().map(|tag| ik.shard_for(tag, &page.key.key)).collect();
+        // One round trip: size and compaction mark of every shard, extending
+        // its life so it outlives the page about to be stored.
+        let probes = shards
+            .iter()
+            .map(|k| {
+                let get = Get::new(k).without_value().meta(Meta::NONE.size()).touch(Ttl::secs(ttl));
+                (k.clone(), get)
+            })
+            .collect();
+        let probed = self.inner.index.run_routed(Mode::FailFast, probes).await;
+        let mut appends = Vec::with_capacity(shards.len());
+        for (shard, probe) in shards.iter().zip(probed) {
+            let probe = probe?;
+            let size = usize::try_from(probe.item.size.unwrap_or(0)).unwrap_or(usize::MAX);
+            let compacted = probe.client_flags.unwrap_or(0) as usize;
+            let mut size = if probe.hit() { size } else { 0 };
+            if size + record.len() > max || tags::needs_compaction(size, compacted, record.len()) {
+                match self.compact_shard(shard, &record, ttl).await? {
+                    Compacted::AlreadyListed => continue,
+                    Compacted::Size(new) => size = new,
+                }
+            }
+            if size + record.len() > max {
+                return Err(Error::Invalid(format!(
+                    "tag index item {} is full ({size} bytes); raise cache.index_shards",
+                    String::from_utf8_lossy(shard)
+                )));
+            }
+            let append = Set::new(shard, &record).append().vivify_ttl(ttl);
+            appends.push((shard.clone(), append));
+        }
+        for result in self.inner.index.run_routed(Mode::FailFast, appends).await {
+            let result = result?;
+            if !result.applied() {
+                return Err(Error::Protocol {
+                    server: String::new(),
+                    message: format!("index append answered {:?}", result.status),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Remove duplicate records from a shard, CAS-guarded so a concurrent
+    /// append or invalidation is never overwritten.
+    async fn compact_shard(&self, shard: &[u8], record: &[u8], ttl: u32) -> Result<Compacted> {
+        let server = self.inner.index.route(shard);
+        for _ in 0..4 {
+            let current = server.run(Mode::FailFast, Get::new(shard).meta(Meta::NONE.cas())).await?;
+            let (Some(value), Some(cas)) = (current.value.as_deref(), current.item.cas) else {
+                return Ok(Compacted::Size(0));
+            };
+            let compacted = tags::compact(value);
+            let listed = tags::entries(&compacted).any(|e| e == &record[..record.len() - 1]);
+            if compacted.len() == value.len() {
+                return Ok(if listed { Compacted::AlreadyListed } else { Compacted::Size(value.len()) });
+            }
+            let size = compacted.len();
+            let flags = u32::try_from(size).unwrap_or(u32::MAX);
+            let set = Set::new(shard, compacted).client_flags(flags).ttl(Ttl::secs(ttl)).compare_cas(cas);
+            match server.run(Mode::FailFast, set).await?.status {
+                MutationStatus::Applied => {
+                    return Ok(if listed { Compacted::AlreadyListed } else { Compacted::Size(size) });
+                }
+                MutationStatus::NotFound => return Ok(Compacted::Size(0)),
+                _ => continue,
+            }
+        }
+        // Lost every race to concurrent writers: append anyway; the next writer compacts.
+        Ok(Compacted::Size(0))
+    }
+}
+
+enum Compacted {
+    AlreadyListed,
+    Size(usize),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clock_parsing() {
+        assert_eq!(parse_clock(Some(b"42")), Some(42));
+        assert_eq!(parse_clock(Some(b"x")), None);
+        assert_eq!(parse_clock(None), None);
+    }
+}

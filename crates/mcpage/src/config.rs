@@ -1,0 +1,548 @@
+//! Configuration: one file drives the library, the proxy and the nginx side.
+//!
+//! Layered the figment way: [`Config::default()`] < `mcpage.toml` < `MCPAGE_*`
+//! environment variables (`__` separates sections: `MCPAGE_CACHE__TTL_SECS=60`).
+//!
+//! ```
+//! use mcpage::Config;
+//!
+//! let config: Config = Config::figment()
+//!     .merge(figment::providers::Serialized::default("keys.prefix", "page:"))
+//!     .extract()
+//!     .expect("valid config");
+//! assert_eq!(config.keys.prefix, "page:");
+//! config.validate().expect("the defaults are valid");
+//! ```
+
+use std::fmt;
+use std::path::Path;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use regex::bytes::Regex;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::key::QueryMode;
+use crate::ring::Hashing;
+
+/// The whole configuration. Every field has a default; see README.md for the reference.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct Config {
+    /// Where pages and the tag index live.
+    pub memcached: MemcachedConfig,
+    /// How request targets become memcached keys (must match nginx).
+    pub keys: KeysConfig,
+    /// What is cached, for how long.
+    pub cache: CacheConfig,
+    /// The nginx side rendered by `mcpage nginx`.
+    pub nginx: NginxConfig,
+    /// `mcpage proxy`: the layer in front of any HTTP backend.
+    pub proxy: ProxyConfig,
+}
+
+/// `[memcached]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct MemcachedConfig {
+    /// Page servers, exactly as written in nginx's upstream (`127.0.0.1:11211`,
+    /// optionally `127.0.0.1:11211 weight=2` or `{ address = "...", weight = 2 }`).
+    pub servers: Vec<ServerSpec>,
+    /// nginx `hash $memcached_key consistent;` or plain `hash $memcached_key;`.
+    pub hashing: Hashing,
+    /// Tag index pool; empty means the page servers.
+    pub index_servers: Vec<ServerSpec>,
+    /// Per-operation timeout (connect and each exchange).
+    pub timeout_ms: u64,
+    /// Consecutive failures after which a server's circuit breaker opens.
+    pub breaker_failures: u32,
+    /// How long an open breaker skips a server before one probe call.
+    pub breaker_cooldown_ms: u64,
+    /// Idle connections kept per server.
+    pub max_idle: usize,
+}
+
+impl Default for MemcachedConfig {
+    fn default() -> Self {
+        MemcachedConfig {
+            servers: vec![ServerSpec::new("127.0.0.1:11211")],
+            hashing: Hashing::Consistent,
+            index_servers: Vec::new(),
+            timeout_ms: 100,
+            breaker_failures: 5,
+            breaker_cooldown_ms: 2_000,
+            max_idle: 32,
+        }
+    }
+}
+
+impl MemcachedConfig {
+    /// The servers that hold the tag index: `index_servers`, or the page servers.
+    pub fn index_pool(&self) -> &[ServerSpec] {
+        if self.index_servers.is_empty() {
+            &self.servers
+        } else {
+            &self.index_servers
+        }
+    }
+}
+
+/// One memcached server as nginx's upstream names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "ServerSpecRepr", into = "ServerSpecRepr")]
+pub struct ServerSpec {
+    /// `host:port` as written in the nginx `server` line; it is hashed, so
+    /// `localhost:11211` and `127.0.0.1:11211` are different rings.
+    pub address: String,
+    /// nginx `weight=`.
+    pub weight: u32,
+}
+
+impl ServerSpec {
+    /// A server with weight 1.
+    pub fn new(address: impl Into<String>) -> Self {
+        ServerSpec {
+            address: address.into(),
+            weight: 1,
+        }
+    }
+
+    /// The same server with another weight.
+    pub fn weight(mut self, weight: u32) -> Self {
+        self.weight = weight;
+        self
+    }
+
+    fn parse(text: &str) -> std::result::Result<Self, String> {
+        let mut words = text.split_whitespace();
+        let address = words.next().ok_or("empty server")?.to_owned();
+        let mut spec = ServerSpec::new(address);
+        for word in words {
+            match word.split_once('=') {
+                Some(("weight", n)) => {
+                    spec.weight = n.parse().map_err(|_| format!("bad weight `{n}`"))?;
+                }
+                _ => return Err(format!("unsupported server parameter `{word}` (only weight=N)")),
+            }
+        }
+        Ok(spec)
+    }
+}
+
+impl fmt::Display for ServerSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.weight == 1 {
+            f.write_str(&self.address)
+        } else {
+            write!(f, "{} weight={}", self.address, self.weight)
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum ServerSpecRepr {
+    Text(String),
+    Table {
+        address: String,
+        #[serde(default = "one")]
+        weight: u32,
+    },
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl TryFrom<ServerSpecRepr> for ServerSpec {
+    type Error = String;
+    fn try_from(repr: ServerSpecRepr) -> std::result::Result<Self, String> {
+        match repr {
+            ServerSpecRepr::Text(text) => ServerSpec::parse(&text),
+            ServerSpecRepr::Table { address, weight } => Ok(ServerSpec { address, weight }),
+        }
+    }
+}
+
+impl From<ServerSpec> for ServerSpecRepr {
+    fn from(spec: ServerSpec) -> Self {
+        ServerSpecRepr::Text(spec.to_string())
+    }
+}
+
+/// `[keys]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct KeysConfig {
+    /// nginx: `set $memcached_key "<prefix>$uri";`
+    pub prefix: String,
+    /// `bypass`: requests with a query string are never cached; `include`: key `$uri?$args`.
+    pub query: QueryMode,
+    /// nginx `merge_slashes` (on by default in nginx too).
+    pub merge_slashes: bool,
+    /// Several sites: V = `<prefix>$host$uri`; only `cache.allowed_hosts` are cached.
+    pub host: bool,
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        KeysConfig {
+            prefix: String::new(),
+            query: QueryMode::Bypass,
+            merge_slashes: true,
+            host: false,
+        }
+    }
+}
+
+/// `[cache]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct CacheConfig {
+    /// Page lifetime in memcached, the backstop behind invalidation.
+    pub ttl_secs: u32,
+    /// Regexes on the normalized path; a page is cached when one matches...
+    pub include: Vec<String>,
+    /// ...and none of these does.
+    pub exclude: Vec<String>,
+    /// Cookies that mean "logged in" (as does any `Authorization` header).
+    pub session_cookies: Vec<String>,
+    /// Response media types that are cached (parameters such as charset ignored).
+    pub content_types: Vec<String>,
+    /// With `keys.host`: the only hosts whose pages are cached (lowercase, no port).
+    pub allowed_hosts: Vec<String>,
+    /// Largest body stored (after gzip when `gzip` is on).
+    pub max_body_bytes: usize,
+    /// Store gzip bodies flagged with `gzip_flag` (nginx `memcached_gzip_flag`).
+    pub gzip: bool,
+    /// The client-flags bit nginx reads as "this value is gzip".
+    pub gzip_flag: u32,
+    /// Prefix of the tag index keys (clock, tag clocks, index shards).
+    pub index_namespace: String,
+    /// Index items per tag; a tag's pages are spread over them.
+    pub index_shards: u32,
+    /// Largest index item; a registration that would exceed it is refused
+    /// (that page is then not cached) instead of nearing memcached's item limit.
+    pub index_shard_max_bytes: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            ttl_secs: 3600,
+            include: vec!["^/".to_owned()],
+            exclude: Vec::new(),
+            session_cookies: vec!["sessionid".to_owned()],
+            content_types: vec!["text/html".to_owned()],
+            allowed_hosts: Vec::new(),
+            max_body_bytes: 1_000_000,
+            gzip: false,
+            gzip_flag: 2,
+            index_namespace: "mcpage:".to_owned(),
+            index_shards: 16,
+            index_shard_max_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// `[nginx]`: what `mcpage nginx` renders.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct NginxConfig {
+    /// nginx `listen`.
+    pub listen: String,
+    /// Where nginx sends misses and bypassed requests (`host:port`).
+    pub app: String,
+    /// `keepalive` connections per worker to memcached; at least the peak
+    /// concurrent requests per worker (64 lost 30-45% against 512 at 128 connections).
+    pub keepalive: u32,
+    /// `memcached_buffer_size`: at least the typical page (4k default cost 30-65%).
+    pub buffer_size: String,
+    /// `charset` added to cached content types.
+    pub charset: String,
+}
+
+impl Default for NginxConfig {
+    fn default() -> Self {
+        NginxConfig {
+            listen: "127.0.0.1:8080".to_owned(),
+            app: "127.0.0.1:8081".to_owned(),
+            keepalive: 512,
+            buffer_size: "64k".to_owned(),
+            charset: "utf-8".to_owned(),
+        }
+    }
+}
+
+/// `[proxy]`: `mcpage proxy` in front of any backend.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ProxyConfig {
+    /// Where the proxy listens (nginx's `app`).
+    pub listen: String,
+    /// The backend, `http://host:port`.
+    pub upstream: String,
+    /// Bearer token for `POST /_mcpage/invalidate`; none disables the endpoint.
+    pub invalidate_token: Option<String>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            listen: "127.0.0.1:8081".to_owned(),
+            upstream: "http://127.0.0.1:8000".to_owned(),
+            invalidate_token: None,
+        }
+    }
+}
+
+/// The compiled, checked form the cache runs on; built once by [`Config::compile`].
+#[derive(Debug)]
+pub(crate) struct Compiled {
+    pub(crate) include: Vec<Regex>,
+    pub(crate) exclude: Vec<Regex>,
+    pub(crate) content_types: Vec<String>,
+    pub(crate) session_cookies: Vec<String>,
+    pub(crate) allowed_hosts: Vec<Vec<u8>>,
+}
+
+impl Config {
+    /// defaults < `mcpage.toml` in the working directory < `MCPAGE_*` env.
+    pub fn figment() -> Figment {
+        Self::figment_from(Path::new("mcpage.toml"))
+    }
+
+    /// defaults < the TOML file `path` (when it exists) < `MCPAGE_*` env.
+    pub fn figment_from(path: &Path) -> Figment {
+        Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::file(path))
+            .merge(env_provider())
+    }
+
+    /// Load from `path` (or `mcpage.toml`) and the environment, then [`validate`](Self::validate).
+    pub fn load(path: Option<&Path>) -> Result<Config> {
+        let figment = match path {
+            Some(path) => {
+                if !path.exists() {
+                    return Err(Error::config("--config", format!("{} does not exist", path.display())));
+                }
+                Self::figment_from(path)
+            }
+            None => Self::figment(),
+        };
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Check every field; the error names the first bad one.
+    pub fn validate(&self) -> Result<()> {
+        self.compile().map(drop)
+    }
+
+    pub(crate) fn compile(&self) -> Result<Compiled> {
+        check_servers("memcached.servers", &self.memcached.servers, false)?;
+        check_servers("memcached.index_servers", &self.memcached.index_servers, true)?;
+        if self.memcached.timeout_ms == 0 {
+            return Err(Error::config("memcached.timeout_ms", "must be at least 1"));
+        }
+        if self.keys.prefix.bytes().any(|b| b <= b' ' || b == b'"' || b == b'%' || b == 0x7f) {
+            return Err(Error::config(
+                "keys.prefix",
+                "must not contain spaces, control characters, '%' or '\"' (nginx would escape them)",
+            ));
+        }
+        if self.cache.ttl_secs == 0 || self.cache.ttl_secs > 30 * 24 * 3600 {
+            return Err(Error::config("cache.ttl_secs", "must be 1..=2592000 (30 days)"));
+        }
+        if self.cache.gzip && (self.cache.gzip_flag == 0 || !self.cache.gzip_flag.is_power_of_two()) {
+            return Err(Error::config("cache.gzip_flag", "must be a single bit, e.g. 2"));
+        }
+        if self.cache.content_types.is_empty() {
+            return Err(Error::config("cache.content_types", "must name at least one type"));
+        }
+        if self.cache.index_namespace.is_empty()
+            || self.cache.index_namespace.bytes().any(|b| b <= b' ' || b == b'%' || b == 0x7f)
+        {
+            return Err(Error::config("cache.index_namespace", "must be non-empty, without spaces or '%'"));
+        }
+        if !(1..=1024).contains(&self.cache.index_shards) {
+            return Err(Error::config("cache.index_shards", "must be 1..=1024"));
+        }
+        if !(1024..=512 * 1024).contains(&self.cache.index_shard_max_bytes) {
+            return Err(Error::config("cache.index_shard_max_bytes", "must be 1024..=524288"));
+        }
+        if self.keys.host && self.cache.allowed_hosts.is_empty() {
+            return Err(Error::config("cache.allowed_hosts", "keys.host = true needs at least one allowed host"));
+        }
+        let allowed_hosts = self
+            .cache
+            .allowed_hosts
+            .iter()
+            .enumerate()
+            .map(|(i, host)| {
+                crate::key::nginx_host(host.as_bytes())
+                    .ok_or_else(|| Error::config(format!("cache.allowed_hosts[{i}]"), "not a valid host name"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        check_nginx_size("nginx.buffer_size", &self.nginx.buffer_size)?;
+        Ok(Compiled {
+            include: compile_regexes("cache.include", &self.cache.include)?,
+            exclude: compile_regexes("cache.exclude", &self.cache.exclude)?,
+            content_types: self.cache.content_types.iter().map(|t| t.trim().to_ascii_lowercase()).collect(),
+            session_cookies: self.cache.session_cookies.clone(),
+            allowed_hosts,
+        })
+    }
+}
+
+/// `MCPAGE_SECTION__FIELD`; variables without `__` (say `MCPAGE_LOG`) are not config.
+fn env_provider() -> Env {
+    Env::prefixed("MCPAGE_").filter(|key| key.as_str().contains("__")).split("__")
+}
+
+fn check_servers(field: &str, servers: &[ServerSpec], may_be_empty: bool) -> Result<()> {
+    if servers.is_empty() && !may_be_empty {
+        return Err(Error::config(field, "needs at least one server"));
+    }
+    for (i, server) in servers.iter().enumerate() {
+        let field = format!("{field}[{i}]");
+        let address = &server.address;
+        if address.starts_with("unix:") {
+            return Err(Error::config(field, "unix sockets are not supported; use host:port"));
+        }
+        match address.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
+            // nginx would hash an empty port but connect to 80: always write the port.
+            _ => return Err(Error::config(field, format!("`{address}` must be host:port"))),
+        }
+        if server.weight == 0 {
+            return Err(Error::config(field, "weight must be at least 1"));
+        }
+    }
+    Ok(())
+}
+
+fn check_nginx_size(field: &str, size: &str) -> Result<()> {
+    let digits = size.trim_end_matches(['k', 'K', 'm', 'M']);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) || size.len() - digits.len() > 1 {
+        return Err(Error::config(field, format!("`{size}` is not an nginx size such as 64k")));
+    }
+    Ok(())
+}
+
+fn compile_regexes(field: &str, patterns: &[String]) -> Result<Vec<Regex>> {
+    patterns
+        .iter()
+        .enumerate()
+        .map(|(i, pattern)| {
+            Regex::new(pattern).map_err(|e| Error::config(format!("{field}[{i}]"), e.to_string()))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().expect("defaults");
+    }
+
+    #[test]
+    fn toml_then_env_layering() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "mcpage.toml",
+                r#"
+                [memcached]
+                servers = ["127.0.0.1:11211", "127.0.0.1:11212 weight=2", { address = "127.0.0.1:11213", weight = 3 }]
+                hashing = "modulo"
+                [keys]
+                prefix = "page:"
+                query = "include"
+                [cache]
+                ttl_secs = 60
+                "#,
+            )?;
+            jail.set_env("MCPAGE_CACHE__TTL_SECS", "120");
+            jail.set_env("MCPAGE_PROXY__INVALIDATE_TOKEN", "s3cret");
+            jail.set_env("MCPAGE_LOG", "ignored: not a config variable");
+            let config: Config = Config::figment().extract()?;
+            assert_eq!(
+                config.memcached.servers,
+                vec![
+                    ServerSpec::new("127.0.0.1:11211"),
+                    ServerSpec::new("127.0.0.1:11212").weight(2),
+                    ServerSpec::new("127.0.0.1:11213").weight(3),
+                ]
+            );
+            assert_eq!(config.memcached.hashing, Hashing::Modulo);
+            assert_eq!(config.keys.prefix, "page:");
+            assert_eq!(config.keys.query, QueryMode::Include);
+            assert_eq!(config.cache.ttl_secs, 120);
+            assert_eq!(config.proxy.invalidate_token.as_deref(), Some("s3cret"));
+            config.validate().expect("valid");
+            Ok(())
+        });
+    }
+
+    fn field_of(config: &Config) -> String {
+        match config.validate() {
+            Err(Error::Config { field, .. }) => field,
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn invalid_values_name_their_field() {
+        let mut c = Config::default();
+        c.cache.include = vec!["^/".into(), "(".into()];
+        assert_eq!(field_of(&c), "cache.include[1]");
+
+        let mut c = Config::default();
+        c.memcached.servers.clear();
+        assert_eq!(field_of(&c), "memcached.servers");
+
+        let mut c = Config::default();
+        c.memcached.servers = vec![ServerSpec::new("127.0.0.1")];
+        assert_eq!(field_of(&c), "memcached.servers[0]");
+
+        let mut c = Config::default();
+        c.keys.prefix = "a b".into();
+        assert_eq!(field_of(&c), "keys.prefix");
+
+        let mut c = Config::default();
+        c.keys.host = true;
+        assert_eq!(field_of(&c), "cache.allowed_hosts");
+
+        let mut c = Config::default();
+        c.nginx.buffer_size = "64kb".into();
+        assert_eq!(field_of(&c), "nginx.buffer_size");
+    }
+
+    #[test]
+    fn unknown_hashing_and_fields_are_rejected() {
+        Jail::expect_with(|jail| {
+            jail.create_file("mcpage.toml", "[memcached]\nhashing = \"ketama\"\n")?;
+            let err = Config::figment().extract::<Config>().expect_err("unknown hashing");
+            assert!(err.to_string().contains("ketama"), "{err}");
+            jail.create_file("mcpage.toml", "[cache]\nttl = 5\n")?;
+            let err = Config::figment().extract::<Config>().expect_err("unknown field");
+            assert!(err.to_string().contains("ttl"), "{err}");
+            jail.create_file("mcpage.toml", "[memcached]\nservers = [\"127.0.0.1:11211 max_fails=3\"]\n")?;
+            let err = Config::figment().extract::<Config>().expect_err("unsupported parameter");
+            assert!(err.to_string().contains("max_fails"), "{err}");
+            Ok(())
+        });
+    }
+}

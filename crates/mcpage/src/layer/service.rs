@@ -1,0 +1,343 @@
+//! [`PageCache`]: the service the layer produces.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{HOST, HeaderName, HeaderValue};
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::BodyExt;
+use tokio::sync::watch;
+
+use super::{CacheTags, PageBody, SkipCache};
+use crate::cache::{Cache, PageWrite};
+use crate::key::PageKey;
+use crate::policy::{self, Bypass};
+use crate::store::Mode;
+use crate::tags;
+
+static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+static X_CACHE_TAGS: HeaderName = HeaderName::from_static("x-cache-tags");
+static MISS: HeaderValue = HeaderValue::from_static("MISS");
+static BYPASS: HeaderValue = HeaderValue::from_static("BYPASS");
+
+/// With gzip on, bodies up to this many times `max_body_bytes` are buffered
+/// in the hope they compress below the limit.
+const GZIP_BUFFER_FACTOR: usize = 8;
+
+/// Wraps a service: stores its cacheable responses for nginx. See the [module docs](super).
+#[derive(Debug, Clone)]
+pub struct PageCache<S> {
+    inner: S,
+    cache: Cache,
+    flights: Arc<Flights>,
+    single_flight: bool,
+}
+
+/// A response shared with concurrent requests for the same key.
+#[derive(Debug)]
+struct Shared {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+type FlightState = Option<Option<Arc<Shared>>>;
+
+/// In-flight renders by page key.
+#[derive(Debug, Default)]
+pub(crate) struct Flights(Mutex<HashMap<Vec<u8>, watch::Receiver<FlightState>>>);
+
+enum Role {
+    Leader(Leader),
+    Follower(watch::Receiver<FlightState>),
+}
+
+/// Removes its flight on drop; followers of a leader that vanished (client
+/// gone, panic) see the channel close and render themselves.
+struct Leader {
+    flights: Arc<Flights>,
+    key: Vec<u8>,
+    sender: watch::Sender<FlightState>,
+}
+
+impl Leader {
+    fn finish(self, shared: Option<Arc<Shared>>) {
+        self.sender.send_replace(Some(shared));
+    }
+}
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        let mut map = self.flights.0.lock().unwrap_or_else(PoisonError::into_inner);
+        map.remove(&self.key);
+    }
+}
+
+impl Flights {
+    fn join(self: &Arc<Self>, key: &[u8]) -> Role {
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(receiver) = map.get(key) {
+            return Role::Follower(receiver.clone());
+        }
+        let (sender, receiver) = watch::channel(None);
+        map.insert(key.to_vec(), receiver);
+        Role::Leader(Leader {
+            flights: Arc::clone(self),
+            key: key.to_vec(),
+            sender,
+        })
+    }
+}
+
+impl<S> PageCache<S> {
+    pub(crate) fn new(inner: S, cache: Cache, flights: Arc<Flights>, single_flight: bool) -> Self {
+        PageCache {
+            inner,
+            cache,
+            flights,
+            single_flight,
+        }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Decide from the request alone: the page key, or why not.
+    fn classify<B>(&self, request: &Request<B>) -> Result<PageKey, Bypass> {
+        let inner = &self.cache.inner;
+        policy::check_request(&inner.compiled, request.method(), request.headers())?;
+        // Inside `Router::nest` the URI is stripped; nginx saw the original.
+        let uri = request
+            .extensions()
+            .get::<axum::extract::OriginalUri>()
+            .map_or(request.uri(), |original| &original.0);
+        let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let host = if inner.config.keys.host {
+            let host = request
+                .headers()
+                .get(HOST)
+                .map(HeaderValue::as_bytes)
+                .or_else(|| uri.authority().map(|a| a.as_str().as_bytes()));
+            let normalized = host.and_then(crate::key::nginx_host).ok_or(Bypass::Host)?;
+            if !inner.compiled.allowed_hosts.contains(&normalized) {
+                return Err(Bypass::Host);
+            }
+            host
+        } else {
+            None
+        };
+        let key = self.cache.page_key(host, target.as_bytes())?;
+        policy::check_path(&inner.compiled, &key.uri)?;
+        Ok(key)
+    }
+}
+
+fn mark<B>(response: &mut Response<B>, value: &HeaderValue) {
+    response.headers_mut().insert(X_CACHE.clone(), value.clone());
+}
+
+impl<S, ReqBody, ResBody> tower::Service<Request<ReqBody>> for PageCache<S>
+where
+    S: tower::Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Body<Data = Bytes> + Unpin + Send + 'static,
+    ResBody::Error: Send + 'static,
+{
+    type Response = Response<PageBody<ResBody>>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        // The ready service goes into the future; a fresh clone stays behind.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        match self.classify(&request) {
+            Err(reason) => {
+                self.cache.inner.metrics.bypassed(reason);
+                tracing::debug!(reason = reason.reason(), uri = %request.uri(), "cache bypass");
+                Box::pin(bypass(inner, request))
+            }
+            Ok(key) => {
+                let flights = self.single_flight.then(|| Arc::clone(&self.flights));
+                Box::pin(cacheable(inner, self.cache.clone(), flights, key, request))
+            }
+        }
+    }
+}
+
+async fn bypass<S, ReqBody, ResBody>(
+    mut inner: S,
+    request: Request<ReqBody>,
+) -> Result<Response<PageBody<ResBody>>, S::Error>
+where
+    S: tower::Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Body<Data = Bytes>,
+{
+    let mut response = inner.call(request).await?.map(PageBody::inner);
+    response.headers_mut().remove(&X_CACHE_TAGS);
+    mark(&mut response, &BYPASS);
+    Ok(response)
+}
+
+async fn cacheable<S, ReqBody, ResBody>(
+    mut inner: S,
+    cache: Cache,
+    flights: Option<Arc<Flights>>,
+    key: PageKey,
+    request: Request<ReqBody>,
+) -> Result<Response<PageBody<ResBody>>, S::Error>
+where
+    S: tower::Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Body<Data = Bytes> + Unpin,
+{
+    let metrics = &cache.inner.metrics;
+    let leader = match flights.map(|f| f.join(&key.key)) {
+        None => None,
+        Some(Role::Leader(leader)) => Some(leader),
+        Some(Role::Follower(mut receiver)) => {
+            let shared = receiver.wait_for(Option::is_some).await.ok().and_then(|state| state.clone().flatten());
+            if let Some(shared) = shared {
+                metrics.shared.fetch_add(1, Ordering::Relaxed);
+                let mut response = Response::new(PageBody::buffered(shared.body.clone(), None));
+                *response.status_mut() = shared.status;
+                *response.headers_mut() = shared.headers.clone();
+                return Ok(response);
+            }
+            // The leader's response was not cacheable (or it went away): render ourselves.
+            None
+        }
+    };
+
+    // The clock must be read before the render starts; see DESIGN.md.
+    let clock = match cache.read_clock(Mode::FailFast).await {
+        Ok(clock) => clock,
+        Err(error) => {
+            metrics.bypassed(Bypass::Unavailable);
+            tracing::debug!(%error, "cache bypass: invalidation clock unavailable");
+            return bypass(inner, request).await;
+        }
+    };
+    metrics.misses.fetch_add(1, Ordering::Relaxed);
+    let response = inner.call(request).await?;
+    let (mut parts, body) = response.into_parts();
+    let header_tags = parts.headers.remove(&X_CACHE_TAGS);
+
+    let config = &cache.inner.config.cache;
+    let decision = if parts.extensions.get::<SkipCache>().is_some() {
+        Err(Bypass::OptOut)
+    } else {
+        policy::check_response(&cache.inner.compiled, config.ttl_secs, parts.status, &parts.headers)
+    };
+    let tags = decision.and_then(|ttl| {
+        let mut tags = match &header_tags {
+            Some(value) => tags::parse_header(value.as_bytes()).ok_or(Bypass::Tags)?,
+            None => Vec::new(),
+        };
+        if let Some(extension) = parts.extensions.get::<CacheTags>() {
+            tags.extend(extension.as_slice().iter().map(|t| t.trim().to_owned()));
+            tags.sort();
+            tags.dedup();
+        }
+        if tags.len() > tags::MAX_TAGS_PER_PAGE || tags.iter().any(|t| t.len() > tags::MAX_TAG_BYTES) {
+            return Err(Bypass::Tags);
+        }
+        Ok((ttl, tags))
+    });
+    let (ttl, tags) = match tags {
+        Ok(ok) => ok,
+        Err(reason) => {
+            metrics.bypassed(reason);
+            tracing::debug!(reason = reason.reason(), "cache bypass (response)");
+            let mut response = Response::from_parts(parts, PageBody::inner(body));
+            mark(&mut response, &BYPASS);
+            return Ok(response);
+        }
+    };
+
+    let limit = if config.gzip {
+        config.max_body_bytes.saturating_mul(GZIP_BUFFER_FACTOR)
+    } else {
+        config.max_body_bytes
+    };
+    let (data, trailers) = match collect_limited(body, limit).await {
+        Collected::Complete(data, trailers) => (data, trailers),
+        Collected::TooLarge(prefix, rest) => {
+            metrics.bypassed(Bypass::TooLarge);
+            let mut response = Response::from_parts(parts, PageBody::chain(prefix, rest));
+            mark(&mut response, &BYPASS);
+            return Ok(response);
+        }
+        Collected::Failed(prefix, error) => {
+            let mut response = Response::from_parts(parts, PageBody::failed(prefix, error));
+            mark(&mut response, &BYPASS);
+            return Ok(response);
+        }
+    };
+    if trailers.is_none() {
+        cache.spawn_write(PageWrite {
+            key,
+            body: data.clone(),
+            ttl,
+            tags,
+        clock,
+        });
+    }
+    parts.headers.insert(X_CACHE.clone(), MISS.clone());
+    if let Some(leader) = leader {
+        leader.finish(trailers.is_none().then(|| {
+            Arc::new(Shared {
+                status: parts.status,
+                headers: parts.headers.clone(),
+                body: data.clone(),
+            })
+        }));
+    }
+    Ok(Response::from_parts(parts, PageBody::buffered(data, trailers)))
+}
+
+enum Collected<B: Body> {
+    Complete(Bytes, Option<HeaderMap>),
+    TooLarge(Bytes, B),
+    Failed(Bytes, B::Error),
+}
+
+/// Read the whole body if it fits in `limit` bytes.
+async fn collect_limited<B: Body<Data = Bytes>>(mut body: B, limit: usize) -> Collected<B>
+where
+    B: Unpin,
+{
+    let mut buffer = BytesMut::new();
+    loop {
+        match body.frame().await {
+            None => return Collected::Complete(buffer.freeze(), None),
+            Some(Err(error)) => return Collected::Failed(buffer.freeze(), error),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    buffer.extend_from_slice(&data);
+                    if buffer.len() > limit {
+                        return Collected::TooLarge(buffer.freeze(), body);
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        return Collected::Complete(buffer.freeze(), Some(trailers));
+                    }
+                }
+            },
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! Is this request, and then this response, cacheable?
+//!
+//! The request rule is mirrored into nginx by `mcpage nginx` (session cookies,
+//! `Authorization`, method, query string, host), so a request the layer would
+//! not cache is also never answered from memcached.
+
+use std::fmt;
+
+use http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_TYPE, COOKIE, SET_COOKIE, VARY};
+use http::{HeaderMap, Method, StatusCode};
+
+use crate::config::Compiled;
+
+/// Why a request or response was not cached (the `X-Cache: BYPASS` reason,
+/// logged at debug level and counted in the metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Bypass {
+    /// Not a GET.
+    Method,
+    /// The path matches no `include` or an `exclude` regex.
+    Excluded,
+    /// A session cookie was sent.
+    Session,
+    /// An `Authorization` header was sent.
+    Authorization,
+    /// A query string, with `keys.query = "bypass"`.
+    QueryString,
+    /// nginx would answer 400 for this target.
+    BadRequest,
+    /// The memcached key would exceed 250 bytes.
+    KeyTooLong,
+    /// Host mode: the host is missing, invalid or not allowed.
+    Host,
+    /// memcached (the index pool) is unavailable or its breaker is open.
+    Unavailable,
+    /// The response status is not 200.
+    Status,
+    /// The response content type is not in `cache.content_types`.
+    ContentType,
+    /// The response sets a cookie.
+    SetCookie,
+    /// `Cache-Control: private`, `no-store` or `no-cache`.
+    CacheControl,
+    /// `Vary` on something other than `Accept-Encoding`.
+    Vary,
+    /// The response is already content-encoded.
+    ContentEncoding,
+    /// The body is larger than `cache.max_body_bytes`.
+    TooLarge,
+    /// The application opted out (the [`SkipCache`](crate::layer::SkipCache) extension).
+    OptOut,
+    /// Too many or too long tags.
+    Tags,
+}
+
+impl Bypass {
+    /// Every reason, for metrics.
+    pub const ALL: [Bypass; 18] = [
+        Bypass::Method,
+        Bypass::Excluded,
+        Bypass::Session,
+        Bypass::Authorization,
+        Bypass::QueryString,
+        Bypass::BadRequest,
+        Bypass::KeyTooLong,
+        Bypass::Host,
+        Bypass::Unavailable,
+        Bypass::Status,
+        Bypass::ContentType,
+        Bypass::SetCookie,
+        Bypass::CacheControl,
+        Bypass::Vary,
+        Bypass::ContentEncoding,
+        Bypass::TooLarge,
+        Bypass::OptOut,
+        Bypass::Tags,
+    ];
+
+    /// A short stable name (`session`, `set_cookie`, ...).
+    pub fn reason(self) -> &'static str {
+        match self {
+            Bypass::Method => "method",
+            Bypass::Excluded => "excluded",
+            Bypass::Session => "session",
+            Bypass::Authorization => "authorization",
+            Bypass::QueryString => "query_string",
+            Bypass::BadRequest => "bad_request",
+            Bypass::KeyTooLong => "key_too_long",
+            Bypass::Host => "host",
+            Bypass::Unavailable => "unavailable",
+            Bypass::Status => "status",
+            Bypass::ContentType => "content_type",
+            Bypass::SetCookie => "set_cookie",
+            Bypass::CacheControl => "cache_control",
+            Bypass::Vary => "vary",
+            Bypass::ContentEncoding => "content_encoding",
+            Bypass::TooLarge => "too_large",
+            Bypass::OptOut => "opt_out",
+            Bypass::Tags => "tags",
+        }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        Bypass::ALL.iter().position(|b| *b == self).unwrap_or(0)
+    }
+}
+
+impl fmt::Display for Bypass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.reason())
+    }
+}
+
+impl From<crate::key::KeySkip> for Bypass {
+    fn from(skip: crate::key::KeySkip) -> Self {
+        use crate::key::KeySkip;
+        match skip {
+            KeySkip::BadRequest => Bypass::BadRequest,
+            KeySkip::QueryString => Bypass::QueryString,
+            KeySkip::TooLong => Bypass::KeyTooLong,
+            KeySkip::BadHost => Bypass::Host,
+        }
+    }
+}
+
+/// Request headers and method: anonymous GET only.
+pub(crate) fn check_request(compiled: &Compiled, method: &Method, headers: &HeaderMap) -> Result<(), Bypass> {
+    if method != Method::GET {
+        return Err(Bypass::Method);
+    }
+    if headers.contains_key(AUTHORIZATION) {
+        return Err(Bypass::Authorization);
+    }
+    if has_session_cookie(&compiled.session_cookies, headers) {
+        return Err(Bypass::Session);
+    }
+    Ok(())
+}
+
+/// Does any `Cookie` header carry one of `names` (exact cookie-name match)?
+pub(crate) fn has_session_cookie(names: &[String], headers: &HeaderMap) -> bool {
+    if names.is_empty() {
+        return false;
+    }
+    headers.get_all(COOKIE).iter().any(|value| {
+        value.as_bytes().split(|b| *b == b';').any(|pair| {
+            let name = pair.split(|b| *b == b'=').next().unwrap_or_default().trim_ascii();
+            names.iter().any(|n| n.as_bytes() == name)
+        })
+    })
+}
+
+/// The normalized path against include/exclude.
+pub(crate) fn check_path(compiled: &Compiled, uri: &[u8]) -> Result<(), Bypass> {
+    let included = compiled.include.iter().any(|re| re.is_match(uri));
+    if !included || compiled.exclude.iter().any(|re| re.is_match(uri)) {
+        return Err(Bypass::Excluded);
+    }
+    Ok(())
+}
+
+/// Response status and headers. Returns the TTL to store with: the configured
+/// one, shortened by `s-maxage`/`max-age` when the app asks for less.
+pub(crate) fn check_response(
+    compiled: &Compiled,
+    ttl_secs: u32,
+    status: StatusCode,
+    headers: &HeaderMap,
+) -> Result<u32, Bypass> {
+    if status != StatusCode::OK {
+        return Err(Bypass::Status);
+    }
+    if headers.contains_key(SET_COOKIE) {
+        return Err(Bypass::SetCookie);
+    }
+    if headers.contains_key(CONTENT_ENCODING) {
+        return Err(Bypass::ContentEncoding);
+    }
+    let media_type = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or_default().trim().to_ascii_lowercase())
+        .ok_or(Bypass::ContentType)?;
+    if !compiled.content_types.contains(&media_type) {
+        return Err(Bypass::ContentType);
+    }
+    for value in headers.get_all(VARY) {
+        let value = value.to_str().map_err(|_| Bypass::Vary)?;
+        if value
+            .split(',')
+            .map(str::trim)
+            .any(|field| !field.is_empty() && !field.eq_ignore_ascii_case("accept-encoding"))
+        {
+            return Err(Bypass::Vary);
+        }
+    }
+    let mut ttl = ttl_secs;
+    let mut s_maxage = None;
+    for value in headers.get_all(CACHE_CONTROL) {
+        let value = value.to_str().map_err(|_| Bypass::CacheControl)?;
+        for directive in value.split(',') {
+            let directive = directive.trim();
+            let (name, arg) = match directive.split_once('=') {
+                Some((name, arg)) => (name.trim(), Some(arg.trim().trim_matches('"'))),
+                None => (directive, None),
+            };
+            if name.eq_ignore_ascii_case("private")
+                || name.eq_ignore_ascii_case("no-store")
+                || name.eq_ignore_ascii_case("no-cache")
+            {
+                return Err(Bypass::CacheControl);
+            }
+            let seconds = arg.and_then(|a| a.parse::<u32>().ok());
+            if name.eq_ignore_ascii_case("s-maxage") {
+                s_maxage = seconds;
+            } else if name.eq_ignore_ascii_case("max-age")
+                && let Some(seconds) = seconds
+            {
+                ttl = ttl.min(seconds);
+            }
+        }
+    }
+    if let Some(seconds) = s_maxage {
+        // s-maxage speaks to shared caches and overrides max-age.
+        ttl = ttl_secs.min(seconds);
+    }
+    if ttl == 0 {
+        return Err(Bypass::CacheControl);
+    }
+    Ok(ttl)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Config;
+    use http::HeaderValue;
+
+    fn compiled() -> Compiled {
+        let mut config = Config::default();
+        config.cache.exclude = vec![r"\.xml$".into(), "^/articles/search".into()];
+        config.cache.session_cookies = vec!["sessionid".into(), "remember_me".into()];
+        config.compile().expect("valid")
+    }
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(*name, HeaderValue::from_static(value));
+        }
+        map
+    }
+
+    #[test]
+    fn request_table() {
+        let c = compiled();
+        let table: &[(&[(&str, &str)], Result<(), Bypass>)] = &[
+            (&[], Ok(())),
+            (&[("cookie", "_ga=GA1.2.3; theme=dark")], Ok(())),
+            (&[("cookie", "sessionid=abc")], Err(Bypass::Session)),
+            (&[("cookie", "a=1; sessionid=abc")], Err(Bypass::Session)),
+            (&[("cookie", "a=1"), ("cookie", "remember_me=1")], Err(Bypass::Session)),
+            (&[("cookie", "xsessionid=1; q=sessionid")], Ok(())),
+            (&[("cookie", "sessionid")], Err(Bypass::Session)),
+            (&[("authorization", "Basic eDp5")], Err(Bypass::Authorization)),
+        ];
+        for (pairs, expected) in table {
+            assert_eq!(check_request(&c, &Method::GET, &headers(pairs)), *expected, "{pairs:?}");
+        }
+        assert_eq!(check_request(&c, &Method::HEAD, &HeaderMap::new()), Err(Bypass::Method));
+        assert_eq!(check_request(&c, &Method::POST, &HeaderMap::new()), Err(Bypass::Method));
+    }
+
+    #[test]
+    fn path_table() {
+        let c = compiled();
+        assert_eq!(check_path(&c, b"/articles/1"), Ok(()));
+        assert_eq!(check_path(&c, b"/feed.xml"), Err(Bypass::Excluded));
+        assert_eq!(check_path(&c, b"/articles/search/x"), Err(Bypass::Excluded));
+        assert_eq!(check_path(&c, b"/caf\xc3\xa9"), Ok(()));
+        assert_eq!(check_path(&c, b"/\xff"), Ok(()));
+    }
+
+    #[test]
+    fn response_table() {
+        let c = compiled();
+        let html = ("content-type", "text/html; charset=utf-8");
+        let table: &[(u16, &[(&str, &str)], Result<u32, Bypass>)] = &[
+            (200, &[html], Ok(3600)),
+            (200, &[("content-type", "TEXT/HTML")], Ok(3600)),
+            (404, &[html], Err(Bypass::Status)),
+            (301, &[html], Err(Bypass::Status)),
+            (200, &[], Err(Bypass::ContentType)),
+            (200, &[("content-type", "application/json")], Err(Bypass::ContentType)),
+            (200, &[html, ("set-cookie", "a=1")], Err(Bypass::SetCookie)),
+            (200, &[html, ("cache-control", "private")], Err(Bypass::CacheControl)),
+            (200, &[html, ("cache-control", "public, no-store")], Err(Bypass::CacheControl)),
+            (200, &[html, ("cache-control", "No-Cache")], Err(Bypass::CacheControl)),
+            (200, &[html, ("cache-control", "max-age=60")], Ok(60)),
+            (200, &[html, ("cache-control", "max-age=0")], Err(Bypass::CacheControl)),
+            (200, &[html, ("cache-control", "max-age=60, s-maxage=600")], Ok(600)),
+            (200, &[html, ("cache-control", "max-age=99999")], Ok(3600)),
+            (200, &[html, ("vary", "Accept-Encoding")], Ok(3600)),
+            (200, &[html, ("vary", "accept-encoding, Cookie")], Err(Bypass::Vary)),
+            (200, &[html, ("vary", "*")], Err(Bypass::Vary)),
+            (200, &[html, ("content-encoding", "gzip")], Err(Bypass::ContentEncoding)),
+        ];
+        for (status, pairs, expected) in table {
+            let status = StatusCode::from_u16(*status).expect("status");
+            assert_eq!(check_response(&c, 3600, status, &headers(pairs)), *expected, "{status} {pairs:?}");
+        }
+    }
+
+    #[test]
+    fn reasons_are_unique() {
+        let mut reasons: Vec<_> = Bypass::ALL.iter().map(|b| b.reason()).collect();
+        reasons.sort_unstable();
+        reasons.dedup();
+        assert_eq!(reasons.len(), Bypass::ALL.len());
+        for (i, b) in Bypass::ALL.iter().enumerate() {
+            assert_eq!(b.index(), i);
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! memcached access: one `memcache::exp` async meta client per server, routed by
+//! nginx's own ring, with a circuit breaker per server and pipelined batches.
+//!
+//! Every server gets its own client (not one multi-server client with a
+//! `Router`) because routing needs the unescaped value V, weights and nginx's
+//! skip walk, and because invalidation must address servers one by one and
+//! report which one failed.
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use memcache::exp::{AsyncMetaClient, MetaClientBuilder, Operation};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+use crate::breaker::Breaker;
+use crate::config::{MemcachedConfig, ServerSpec};
+use crate::error::{Error, Result};
+use crate::ring::{Hashing, Ring};
+
+/// One memcached server.
+pub(crate) struct Server {
+    pub(crate) name: String,
+    client: AsyncMetaClient,
+    pub(crate) breaker: Breaker,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+/// Whether a call honours the breaker (request path) or must be attempted
+/// regardless (invalidation: an open breaker is not a confirmation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    FailFast,
+    Always,
+}
+
+/// Errors that say the server (not the request) is unwell.
+fn is_server_failure(error: &memcache::exp::Error) -> bool {
+    use memcache::exp::Error as E;
+    matches!(error, E::Io(_) | E::Timeout { .. } | E::Ambiguous { .. } | E::Protocol(_))
+}
+
+impl Server {
+    fn check(&self, mode: Mode) -> Result<()> {
+        if mode == Mode::FailFast && !self.breaker.allow() {
+            return Err(Error::BreakerOpen {
+                server: self.name.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn error(&self, source: memcache::exp::Error) -> Error {
+        Error::Memcached {
+            server: self.name.clone(),
+            source,
+        }
+    }
+
+    /// Run one operation.
+    pub(crate) async fn run<O: Operation>(&self, mode: Mode, operation: O) -> Result<O::Output> {
+        self.check(mode)?;
+        match self.client.run(operation).await {
+            Ok(output) => {
+                self.breaker.record_success();
+                Ok(output)
+            }
+            Err(error) => {
+                if is_server_failure(&error) {
+                    self.breaker.record_failure();
+                }
+                Err(self.error(error))
+            }
+        }
+    }
+
+    /// Run operations pipelined on this server; one result per operation, in order.
+    pub(crate) async fn run_many<O: Operation>(&self, mode: Mode, operations: Vec<O>) -> Vec<Result<O::Output>> {
+        if operations.is_empty() {
+            return Vec::new();
+        }
+        let count = operations.len();
+        if let Err(error) = self.check(mode) {
+            return fail_all(count, &error, &self.name);
+        }
+        match self.client.run_many(operations).await {
+            Ok(results) => {
+                let mut failed = false;
+                let out = results
+                    .into_iter()
+                    .map(|result| {
+                        result.map_err(|error| {
+                            failed |= is_server_failure(&error);
+                            self.error(error)
+                        })
+                    })
+                    .collect();
+                if failed {
+                    self.breaker.record_failure();
+                } else {
+                    self.breaker.record_success();
+                }
+                out
+            }
+            Err(error) => {
+                if is_server_failure(&error) {
+                    self.breaker.record_failure();
+                }
+                let error = self.error(error);
+                fail_all(count, &error, &self.name)
+            }
+        }
+    }
+
+    /// Raw text command over a fresh connection, for what the meta client
+    /// does not speak (`stats`, `lru_crawler metadump`). Returns the lines up to
+    /// the terminator line (`END`), without it.
+    pub(crate) async fn text_command(&self, command: &str, deadline: Duration) -> Result<Vec<Vec<u8>>> {
+        let io = |e: std::io::Error| self.error(memcache::exp::Error::Io(e));
+        let exchange = async {
+            let mut stream = TcpStream::connect(&self.name).await.map_err(io)?;
+            stream.write_all(command.as_bytes()).await.map_err(io)?;
+            stream.write_all(b"\r\n").await.map_err(io)?;
+            let mut reader = BufReader::new(stream);
+            let mut lines = Vec::new();
+            loop {
+                let mut line = Vec::new();
+                if reader.read_until(b'\n', &mut line).await.map_err(io)? == 0 {
+                    return Err(Error::Protocol {
+                        server: self.name.clone(),
+                        message: format!("connection closed during `{command}`"),
+                    });
+                }
+                while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                    line.pop();
+                }
+                if line == b"END" {
+                    return Ok(lines);
+                }
+                if line.starts_with(b"ERROR")
+                    || line.starts_with(b"CLIENT_ERROR")
+                    || line.starts_with(b"SERVER_ERROR")
+                    || line.starts_with(b"BUSY")
+                {
+                    return Err(Error::Protocol {
+                        server: self.name.clone(),
+                        message: format!("`{command}`: {}", String::from_utf8_lossy(&line)),
+                    });
+                }
+                lines.push(line);
+            }
+        };
+        tokio::time::timeout(deadline.max(self.timeout), exchange)
+            .await
+            .map_err(|_| self.error(memcache::exp::Error::Timeout { key: Vec::new() }))?
+    }
+}
+
+fn fail_all<T>(count: usize, error: &Error, server: &str) -> Vec<Result<T>> {
+    (0..count)
+        .map(|_| match error {
+            Error::BreakerOpen { .. } => Err(Error::BreakerOpen {
+                server: server.to_owned(),
+            }),
+            other => Err(Error::Protocol {
+                server: server.to_owned(),
+                message: other.to_string(),
+            }),
+        })
+        .collect()
+}
+
+/// A set of servers and the ring nginx builds over them.
+#[derive(Debug)]
+pub(crate) struct Pool {
+    servers: Vec<Server>,
+    ring: Ring,
+}
+
+impl Pool {
+    pub(crate) async fn connect(specs: &[ServerSpec], hashing: Hashing, config: &MemcachedConfig) -> Result<Pool> {
+        let timeout = Duration::from_millis(config.timeout_ms);
+        let mut servers = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let client = MetaClientBuilder::new()
+                .io_timeout(Some(timeout))
+                .connect_timeout(Some(timeout))
+                .max_idle(config.max_idle)
+                .connect_async(spec.address.as_str())
+                .await
+                .map_err(|source| Error::Memcached {
+                    server: spec.address.clone(),
+                    source,
+                })?;
+            servers.push(Server {
+                name: spec.address.clone(),
+                client,
+                breaker: Breaker::new(config.breaker_failures, Duration::from_millis(config.breaker_cooldown_ms)),
+                timeout,
+            });
+        }
+        let weighted: Vec<(String, u32)> = specs.iter().map(|s| (s.address.clone(), s.weight)).collect();
+        Ok(Pool {
+            servers,
+            ring: Ring::new(&weighted, hashing),
+        })
+    }
+
+    pub(crate) fn servers(&self) -> &[Server] {
+        &self.servers
+    }
+
+    /// The server nginx asks for the (unescaped) value V.
+    pub(crate) fn route(&self, value: &[u8]) -> &Server {
+        &self.servers[self.ring.pick(value)]
+    }
+
+    /// Run `(value, operation)` pairs grouped per server (routed by V), the
+    /// groups concurrently; results in input order.
+    pub(crate) async fn run_routed<O: Operation>(&self, mode: Mode, ops: Vec<(Vec<u8>, O)>) -> Vec<Result<O::Output>> {
+        let mut groups: Vec<(Vec<usize>, Vec<O>)> = self.servers.iter().map(|_| (Vec::new(), Vec::new())).collect();
+        let count = ops.len();
+        for (position, (value, op)) in ops.into_iter().enumerate() {
+            let group = &mut groups[self.ring.pick(&value)];
+            group.0.push(position);
+            group.1.push(op);
+        }
+        self.run_grouped(mode, groups, count).await
+    }
+
+    /// Like [`run_routed`](Self::run_routed) with the server index given.
+    pub(crate) async fn run_on<O: Operation>(&self, mode: Mode, ops: Vec<(usize, O)>) -> Vec<Result<O::Output>> {
+        let mut groups: Vec<(Vec<usize>, Vec<O>)> = self.servers.iter().map(|_| (Vec::new(), Vec::new())).collect();
+        let count = ops.len();
+        for (position, (server, op)) in ops.into_iter().enumerate() {
+            groups[server].0.push(position);
+            groups[server].1.push(op);
+        }
+        self.run_grouped(mode, groups, count).await
+    }
+
+    async fn run_grouped<O: Operation>(
+        &self,
+        mode: Mode,
+        groups: Vec<(Vec<usize>, Vec<O>)>,
+        count: usize,
+    ) -> Vec<Result<O::Output>> {
+        let mut positions = Vec::new();
+        let futures: Vec<_> = groups
+            .into_iter()
+            .zip(&self.servers)
+            .filter(|((idx, _), _)| !idx.is_empty())
+            .map(|((idx, ops), server)| {
+                positions.push(idx);
+                server.run_many(mode, ops)
+            })
+            .collect();
+        let results = join_all(futures).await;
+        let mut out: Vec<Option<Result<O::Output>>> = (0..count).map(|_| None).collect();
+        for (idx, results) in positions.into_iter().zip(results) {
+            for (position, result) in idx.into_iter().zip(results) {
+                out[position] = Some(result);
+            }
+        }
+        out.into_iter()
+            .map(|slot| {
+                slot.unwrap_or_else(|| {
+                    Err(Error::Protocol {
+                        server: String::new(),
+                        message: "batch result missing".to_owned(),
+                    })
+                })
+            })
+            .collect()
+    }
+}
+

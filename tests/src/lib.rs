@@ -1,0 +1,1 @@
+//! Test harness for mcpage's end-to-end tests (work in progress).
