@@ -449,6 +449,7 @@ fn compile_regexes(field: &str, patterns: &[String]) -> Result<Vec<Regex>> {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment's Jail closures return figment::Error
 mod tests {
     use super::*;
     use figment::Jail;

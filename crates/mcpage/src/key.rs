@@ -415,11 +415,9 @@ fn host_part(raw: &[u8]) -> Option<&[u8]> {
                 }
                 dot_pos = Some(i);
             }
-            b':' => {
-                if state == St::Usual {
-                    host_len = i;
-                    state = St::Rest;
-                }
+            b':' if state == St::Usual => {
+                host_len = i;
+                state = St::Rest;
             }
             b'[' => {
                 if i != 0 {
@@ -443,10 +441,10 @@ fn host_part(raw: &[u8]) -> Option<&[u8]> {
         return None;
     }
     // Only `:digits` (possibly empty) may follow the host.
-    if let Some((&first, port)) = raw[host_len..].split_first() {
-        if first != b':' || !port.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
+    if let Some((&first, port)) = raw[host_len..].split_first()
+        && (first != b':' || !port.iter().all(u8::is_ascii_digit))
+    {
+        return None;
     }
     if host_len > 0 && dot_pos == Some(host_len - 1) {
         host_len -= 1;
@@ -588,7 +586,11 @@ impl KeyScheme {
     /// [`KeySkip::QueryString`] (a `?` in bypass mode), [`KeySkip::TooLong`]
     /// (`wire_key_len(K) > 250`).
     pub fn page_key(&self, host: Option<&[u8]>, target: &[u8]) -> Result<PageKey, KeySkip> {
-        let (path, implicit_slash, line_host) = split_target(target)?;
+        let Target {
+            path,
+            implicit_slash,
+            line_host,
+        } = split_target(target)?;
         let host = if self.host {
             // The request-line host of an absolute-form target wins, as in nginx.
             match line_host.or(host).and_then(host_part) {
@@ -597,7 +599,12 @@ impl KeyScheme {
                     // nginx answers 400 either way; report the target first.
                     let mut scratch = Vec::with_capacity(path.len() + 1);
                     return Err(
-                        match parse_complex_uri(path, self.merge_slashes, implicit_slash, &mut scratch) {
+                        match parse_complex_uri(
+                            path,
+                            self.merge_slashes,
+                            implicit_slash,
+                            &mut scratch,
+                        ) {
                             Ok(_) => KeySkip::BadHost,
                             Err(BadRequest) => KeySkip::BadRequest,
                         },
@@ -609,9 +616,8 @@ impl KeyScheme {
         };
 
         // One buffer for V: prefix, then $host, then $uri parsed in place.
-        let mut value = Vec::with_capacity(
-            self.prefix.len() + host.map_or(0, <[u8]>::len) + path.len() + 2,
-        );
+        let mut value =
+            Vec::with_capacity(self.prefix.len() + host.map_or(0, <[u8]>::len) + path.len() + 2);
         value.extend_from_slice(&self.prefix);
         if let Some(h) = host {
             value.extend(h.iter().map(u8::to_ascii_lowercase));
@@ -650,14 +656,28 @@ impl KeyScheme {
     }
 }
 
+/// A request target split for normalization.
+struct Target<'a> {
+    /// The part nginx normalizes (origin-form, or what follows the authority).
+    path: &'a [u8],
+    /// The path was empty (`http://h`, `http://h?q`): nginx uses `/`, and
+    /// `path` is the remainder (`""`, `?q`).
+    implicit_slash: bool,
+    /// The host of an absolute-form target (validated).
+    line_host: Option<&'a [u8]>,
+}
+
 /// Splits a request target into the part nginx normalizes and, for
 /// absolute-form, the request-line host.
-///
-/// Returns `(path, implicit_slash, host)`: with `implicit_slash` the path was
-/// empty (`http://h`, `http://h?q`) and `path` is the remainder (`""`, `?q`).
-fn split_target(target: &[u8]) -> Result<(&[u8], bool, Option<&[u8]>), KeySkip> {
+fn split_target(target: &[u8]) -> Result<Target<'_>, KeySkip> {
     match target.first() {
-        Some(b'/') => return Ok((target, false, None)),
+        Some(b'/') => {
+            return Ok(Target {
+                path: target,
+                implicit_slash: false,
+                line_host: None,
+            });
+        }
         Some(c) if c.is_ascii_alphabetic() => {}
         _ => return Err(KeySkip::BadRequest),
     }
@@ -677,8 +697,11 @@ fn split_target(target: &[u8]) -> Result<(&[u8], bool, Option<&[u8]>), KeySkip> 
     if !request_line_host_ok(authority) || host_part(authority).is_none() {
         return Err(KeySkip::BadRequest);
     }
-    let implicit_slash = path.first() != Some(&b'/');
-    Ok((path, implicit_slash, Some(authority)))
+    Ok(Target {
+        path,
+        implicit_slash: path.first() != Some(&b'/'),
+        line_host: Some(authority),
+    })
 }
 
 /// The characters nginx's request-line parser accepts in an absolute-form host
@@ -803,15 +826,24 @@ mod tests {
     #[test]
     fn args_and_fragments() {
         let n = nginx_uri(b"/about?", true).expect("valid");
-        assert_eq!((n.uri.as_slice(), n.args.as_deref()), (&b"/about"[..], Some(&b""[..])));
+        assert_eq!(
+            (n.uri.as_slice(), n.args.as_deref()),
+            (&b"/about"[..], Some(&b""[..]))
+        );
         let n = nginx_uri(b"/a?x=1&y=%2F#frag", true).expect("valid");
         assert_eq!(n.args.as_deref(), Some(&b"x=1&y=%2F"[..]));
         let n = nginx_uri(b"/a#b?c", true).expect("valid");
         assert_eq!((n.uri.as_slice(), n.args), (&b"/a"[..], None));
         let n = nginx_uri(b"/a/.?q", true).expect("valid");
-        assert_eq!((n.uri.as_slice(), n.args.as_deref()), (&b"/a/"[..], Some(&b"q"[..])));
+        assert_eq!(
+            (n.uri.as_slice(), n.args.as_deref()),
+            (&b"/a/"[..], Some(&b"q"[..]))
+        );
         let n = nginx_uri(b"/a/b/..?q", true).expect("valid");
-        assert_eq!((n.uri.as_slice(), n.args.as_deref()), (&b"/a/"[..], Some(&b"q"[..])));
+        assert_eq!(
+            (n.uri.as_slice(), n.args.as_deref()),
+            (&b"/a/"[..], Some(&b"q"[..]))
+        );
         let n = nginx_uri(b"/a?b?c", true).expect("valid");
         assert_eq!(n.args.as_deref(), Some(&b"b?c"[..]));
         let n = nginx_uri(b"/a%3Fb", true).expect("valid");
@@ -863,8 +895,14 @@ mod tests {
         for &k in bad {
             assert_eq!(memcached_unescape(k), None, "{}", k.escape_ascii());
         }
-        assert_eq!(memcached_unescape(b"/x\x7F").as_deref(), Some(&b"/x\x7F"[..]));
-        assert_eq!(memcached_unescape(b"/100%25").as_deref(), Some(&b"/100%"[..]));
+        assert_eq!(
+            memcached_unescape(b"/x\x7F").as_deref(),
+            Some(&b"/x\x7F"[..])
+        );
+        assert_eq!(
+            memcached_unescape(b"/100%25").as_deref(),
+            Some(&b"/100%"[..])
+        );
     }
 
     #[test]
@@ -919,18 +957,26 @@ mod tests {
         let bypass = KeyScheme::new("", QueryMode::Bypass, true, false);
         let include = KeyScheme::new("", QueryMode::Include, true, false);
         assert_eq!(bypass.page_key(None, b"/about?"), Err(KeySkip::QueryString));
-        assert_eq!(bypass.page_key(None, b"/about?x=1"), Err(KeySkip::QueryString));
+        assert_eq!(
+            bypass.page_key(None, b"/about?x=1"),
+            Err(KeySkip::QueryString)
+        );
         let k = bypass.page_key(None, b"/about#x?y").expect("fragment only");
         assert_eq!(k.value, b"/about");
         let k = bypass.page_key(None, b"/a%3Fb").expect("no query");
-        assert_eq!((k.value.as_slice(), k.key.as_slice()), (&b"/a?b"[..], &b"/a?b"[..]));
+        assert_eq!(
+            (k.value.as_slice(), k.key.as_slice()),
+            (&b"/a?b"[..], &b"/a?b"[..])
+        );
 
         let k = include.page_key(None, b"/about").expect("ok");
         assert_eq!(k.value, b"/about?");
         assert_eq!(k.uri, b"/about");
         let k = include.page_key(None, b"/about?").expect("ok");
         assert_eq!(k.value, b"/about?");
-        let k = include.page_key(None, b"/a//b/../c?x=%20y&z=1 2#f").expect("ok");
+        let k = include
+            .page_key(None, b"/a//b/../c?x=%20y&z=1 2#f")
+            .expect("ok");
         assert_eq!(k.value, b"/a/c?x=%20y&z=1 2");
         assert_eq!(k.key, b"/a/c?x=%2520y&z=1%202");
         assert_eq!(k.uri, b"/a/c");
@@ -1001,7 +1047,9 @@ mod tests {
     #[test]
     fn host_mode() {
         let s = KeyScheme::new("p:", QueryMode::Bypass, true, true);
-        let k = s.page_key(Some(b"WWW.Example.com:8080"), b"/a//b").expect("ok");
+        let k = s
+            .page_key(Some(b"WWW.Example.com:8080"), b"/a//b")
+            .expect("ok");
         assert_eq!(k.value, b"p:www.example.com/a/b");
         assert_eq!(k.uri, b"/a/b");
         assert_eq!(s.page_key(None, b"/"), Err(KeySkip::BadHost));
@@ -1023,7 +1071,9 @@ mod tests {
     #[test]
     fn absolute_form() {
         let s = KeyScheme::new("", QueryMode::Include, true, false);
-        let k = s.page_key(None, b"http://example.com/a//b?q=1").expect("ok");
+        let k = s
+            .page_key(None, b"http://example.com/a//b?q=1")
+            .expect("ok");
         assert_eq!(k.value, b"/a/b?q=1");
         let k = s.page_key(None, b"http://example.com").expect("ok");
         assert_eq!(k.value, b"/?");
@@ -1044,11 +1094,18 @@ mod tests {
             b"http://h/../p",
             b"1http://h/",
         ] {
-            assert_eq!(s.page_key(None, bad), Err(KeySkip::BadRequest), "{}", bad.escape_ascii());
+            assert_eq!(
+                s.page_key(None, bad),
+                Err(KeySkip::BadRequest),
+                "{}",
+                bad.escape_ascii()
+            );
         }
         // Host mode: the request-line host wins over the Host header.
         let h = KeyScheme::new("", QueryMode::Bypass, true, true);
-        let k = h.page_key(Some(b"other"), b"http://Example.com./p").expect("ok");
+        let k = h
+            .page_key(Some(b"other"), b"http://Example.com./p")
+            .expect("ok");
         assert_eq!(k.value, b"example.com/p");
         let k = h.page_key(None, b"http://example.com/p").expect("ok");
         assert_eq!(k.value, b"example.com/p");

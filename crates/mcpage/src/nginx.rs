@@ -266,7 +266,9 @@ fn render_server(out: &mut String, config: &Config) {
         }
     }
     let default_type = content_types.first().map_or("text/html", String::as_str);
-    let charset_types: Vec<String> = content_types.iter().map(|t| quote(t)).collect();
+    // nginx always adds `charset` to text/html (naming it again is a warning).
+    let charset_types: Vec<String> =
+        content_types.iter().filter(|t| *t != "text/html").map(|t| quote(t)).collect();
 
     out.push_str("server {\n");
     let _ = writeln!(out, "    listen {};", config.nginx.listen);
@@ -295,7 +297,9 @@ fn render_server(out: &mut String, config: &Config) {
     }
     let _ = writeln!(out, "        default_type {};", quote(default_type));
     let _ = writeln!(out, "        charset {};", quote(&config.nginx.charset));
-    let _ = writeln!(out, "        charset_types {};", charset_types.join(" "));
+    if !charset_types.is_empty() {
+        let _ = writeln!(out, "        charset_types {};", charset_types.join(" "));
+    }
     out.push_str("        add_header X-Cache HIT;\n");
     out.push_str("        error_page 404 502 504 = @mcpage_app;\n");
     out.push_str("    }\n\n");
@@ -485,7 +489,6 @@ mod tests {
             "memcached_next_upstream error timeout;",
             "default_type \"text/html\";",
             "charset \"utf-8\";",
-            "charset_types \"text/html\";",
             "add_header X-Cache HIT;",
             "error_page 404 502 504 = @mcpage_app;",
             "error_page 418 = @mcpage_app;",
@@ -516,7 +519,15 @@ mod tests {
         ] {
             assert_has(&text, line);
         }
-        for needle in ["memcached_gzip_flag", "gunzip", "not_found", "weight=", "$mcpage_dollar", "$host"] {
+        for needle in [
+            "memcached_gzip_flag",
+            "gunzip",
+            "not_found",
+            "weight=",
+            "$mcpage_dollar",
+            "$host",
+            "charset_types",
+        ] {
             assert_lacks(&text, needle);
         }
         // The bypass check runs before the key is set (the log relies on it).
@@ -581,7 +592,7 @@ mod tests {
             "gunzip on;",
             "gzip_vary on;",
             "default_type \"text/html\";",
-            "charset_types \"text/html\" \"application/json\";",
+            "charset_types \"application/json\";",
             "memcached_buffer_size 128k;",
             "memcached_read_timeout 2500ms;",
             "keepalive 64;",

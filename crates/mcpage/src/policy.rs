@@ -244,10 +244,13 @@ mod tests {
         config.compile().expect("valid")
     }
 
-    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+    type Headers<'a> = &'a [(&'a str, &'a str)];
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
         for (name, value) in pairs {
-            map.append(*name, HeaderValue::from_static(value));
+            let name = http::HeaderName::from_bytes(name.as_bytes()).expect("name");
+            map.append(name, HeaderValue::from_str(value).expect("value"));
         }
         map
     }
@@ -255,7 +258,7 @@ mod tests {
     #[test]
     fn request_table() {
         let c = compiled();
-        let table: &[(&[(&str, &str)], Result<(), Bypass>)] = &[
+        let table: &[(Headers, Result<(), Bypass>)] = &[
             (&[], Ok(())),
             (&[("cookie", "_ga=GA1.2.3; theme=dark")], Ok(())),
             (&[("cookie", "sessionid=abc")], Err(Bypass::Session)),
@@ -286,7 +289,7 @@ mod tests {
     fn response_table() {
         let c = compiled();
         let html = ("content-type", "text/html; charset=utf-8");
-        let table: &[(u16, &[(&str, &str)], Result<u32, Bypass>)] = &[
+        let table: &[(u16, Headers, Result<u32, Bypass>)] = &[
             (200, &[html], Ok(3600)),
             (200, &[("content-type", "TEXT/HTML")], Ok(3600)),
             (404, &[html], Err(Bypass::Status)),

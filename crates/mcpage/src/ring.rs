@@ -68,7 +68,10 @@ impl Ring {
         let mut same_name_next = vec![None; len];
         let mut first_of = Vec::with_capacity(len);
         for (i, (name, _)) in servers.iter().enumerate() {
-            let first = servers[..i].iter().position(|(n, _)| n == name).unwrap_or(i);
+            let first = servers[..i]
+                .iter()
+                .position(|(n, _)| n == name)
+                .unwrap_or(i);
             first_of.push(first);
             if first != i {
                 // Append `i` to the chain that starts at `first`.
@@ -274,12 +277,18 @@ mod tests {
 
     #[test]
     fn split() {
-        assert_eq!(split_server(b"127.0.0.1:11211"), (&b"127.0.0.1"[..], &b"11211"[..]));
+        assert_eq!(
+            split_server(b"127.0.0.1:11211"),
+            (&b"127.0.0.1"[..], &b"11211"[..])
+        );
         assert_eq!(split_server(b"127.0.0.1"), (&b"127.0.0.1"[..], &b""[..]));
         assert_eq!(split_server(b"host:"), (&b"host"[..], &b""[..]));
         assert_eq!(split_server(b"[::1]:11211"), (&b"[::1]"[..], &b"11211"[..]));
         assert_eq!(split_server(b"[::1]"), (&b"[::1]"[..], &b""[..]));
-        assert_eq!(split_server(b"UNIX:/tmp/mc:1"), (&b"/tmp/mc:1"[..], &b""[..]));
+        assert_eq!(
+            split_server(b"UNIX:/tmp/mc:1"),
+            (&b"/tmp/mc:1"[..], &b""[..])
+        );
         assert_eq!(split_server(b"h:1x"), (&b"h:1x"[..], &b""[..]));
         assert_eq!(split_server(b""), (&b""[..], &b""[..]));
     }
@@ -303,14 +312,28 @@ mod tests {
             }
             out
         };
-        assert_eq!(first(b"127.0.0.1:11211"), [0xa9b35a33, 0x4ae4402d, 0x276a3e76]);
-        assert_eq!(first(b"127.0.0.1:11212"), [0xee1320e3, 0x34c90638, 0xe48d14ad]);
+        assert_eq!(
+            first(b"127.0.0.1:11211"),
+            [0xa9b35a33, 0x4ae4402d, 0x276a3e76]
+        );
+        assert_eq!(
+            first(b"127.0.0.1:11212"),
+            [0xee1320e3, 0x34c90638, 0xe48d14ad]
+        );
         for h in first(b"127.0.0.1:11211") {
-            let p = ring.points.iter().find(|p| p.hash == h).expect("on the ring");
+            let p = ring
+                .points
+                .iter()
+                .find(|p| p.hash == h)
+                .expect("on the ring");
             assert_eq!(p.server, 0);
         }
         for h in first(b"127.0.0.1:11212") {
-            let p = ring.points.iter().find(|p| p.hash == h).expect("on the ring");
+            let p = ring
+                .points
+                .iter()
+                .find(|p| p.hash == h)
+                .expect("on the ring");
             assert_eq!(p.server, 1);
         }
         assert_eq!(ring.points[0].hash, 0x0031b425);
@@ -324,12 +347,34 @@ mod tests {
         let chash = Ring::new(&s, Hashing::Consistent);
         let modulo = Ring::new(&s, Hashing::Modulo);
         // (V, crc32, ring idx, ring point, consistent server, modulo (h, server))
-        let rows: &[(&[u8], u32, usize, u32, usize, Option<(u32, usize)>)] = &[
+        type Row = (&'static [u8], u32, usize, u32, usize, Option<(u32, usize)>);
+        let rows: &[Row] = &[
             (b"/", 0x79d3d2d4, 151, 0x79e995ab, 0, Some((31187, 1))),
             (b"/about", 0x34eec3be, 63, 0x37044e38, 1, Some((13550, 0))),
-            (b"/articles/1", 0x6388d66b, 126, 0x639ab895, 0, Some((25480, 0))),
-            (b"/articles/2", 0xfa8187d1, 309, 0xfaef77bb, 0, Some((31361, 1))),
-            (b"page:/about", 0x82b656e2, 159, 0x83604fc5, 0, Some((694, 0))),
+            (
+                b"/articles/1",
+                0x6388d66b,
+                126,
+                0x639ab895,
+                0,
+                Some((25480, 0)),
+            ),
+            (
+                b"/articles/2",
+                0xfa8187d1,
+                309,
+                0xfaef77bb,
+                0,
+                Some((31361, 1)),
+            ),
+            (
+                b"page:/about",
+                0x82b656e2,
+                159,
+                0x83604fc5,
+                0,
+                Some((694, 0)),
+            ),
             (b"/x y", 0x3faab4a6, 74, 0x400c2e70, 1, Some((16298, 0))),
             (b"/100%", 0x7d0dd728, 153, 0x7d59306c, 1, Some((32013, 1))),
             (b"/w/173", 0xfee5db72, 0, 0x0031b425, 0, None),
@@ -357,7 +402,11 @@ mod tests {
 
     #[test]
     fn weighted() {
-        let s = servers(&[("127.0.0.1:11211", 1), ("127.0.0.1:11212", 2), ("127.0.0.1:11213", 1)]);
+        let s = servers(&[
+            ("127.0.0.1:11211", 1),
+            ("127.0.0.1:11212", 2),
+            ("127.0.0.1:11213", 1),
+        ]);
         let ring = Ring::new(&s, Hashing::Consistent);
         assert_eq!(ring.points.len(), 640);
         assert_eq!(ring.pick(b"/"), 0);
@@ -377,7 +426,11 @@ mod tests {
 
     #[test]
     fn failover_consistent() {
-        let s = servers(&[("127.0.0.1:11211", 1), ("127.0.0.1:11219", 1), ("127.0.0.1:11213", 1)]);
+        let s = servers(&[
+            ("127.0.0.1:11211", 1),
+            ("127.0.0.1:11219", 1),
+            ("127.0.0.1:11213", 1),
+        ]);
         let ring = Ring::new(&s, Hashing::Consistent);
         assert_eq!(crc32fast::hash(b"/f/2"), 0x4f84be0b);
         assert_eq!(ring.find_point(b"/f/2"), 162);
@@ -389,7 +442,11 @@ mod tests {
 
     #[test]
     fn failover_modulo() {
-        let s = servers(&[("127.0.0.1:11211", 1), ("127.0.0.1:11219", 1), ("127.0.0.1:11213", 1)]);
+        let s = servers(&[
+            ("127.0.0.1:11211", 1),
+            ("127.0.0.1:11219", 1),
+            ("127.0.0.1:11213", 1),
+        ]);
         let ring = Ring::new(&s, Hashing::Modulo);
         assert_eq!(modulo_hash(0, b"/f/2"), 20356);
         assert_eq!(ring.pick(b"/f/2"), 1);
@@ -402,8 +459,14 @@ mod tests {
     fn rehash_decimal_prefix() {
         let mut data = b"12".to_vec();
         data.extend_from_slice(b"/v");
-        assert_eq!(modulo_hash(12, b"/v"), (crc32fast::hash(&data) >> 16) & 0x7fff);
-        assert_eq!(modulo_hash(0, b"/v"), (crc32fast::hash(b"/v") >> 16) & 0x7fff);
+        assert_eq!(
+            modulo_hash(12, b"/v"),
+            (crc32fast::hash(&data) >> 16) & 0x7fff
+        );
+        assert_eq!(
+            modulo_hash(0, b"/v"),
+            (crc32fast::hash(b"/v") >> 16) & 0x7fff
+        );
     }
 
     #[test]

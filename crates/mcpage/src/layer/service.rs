@@ -316,9 +316,9 @@ enum Collected<B: Body> {
 }
 
 /// Read the whole body if it fits in `limit` bytes.
-async fn collect_limited<B: Body<Data = Bytes>>(mut body: B, limit: usize) -> Collected<B>
+async fn collect_limited<B>(mut body: B, limit: usize) -> Collected<B>
 where
-    B: Unpin,
+    B: Body<Data = Bytes> + Unpin,
 {
     let mut buffer = BytesMut::new();
     loop {

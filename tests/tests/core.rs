@@ -1,0 +1,437 @@
+//! The core contract end to end: real memcached instances, real nginx with the
+//! rendered config, an axum app behind the layer. nginx is the oracle: a key or
+//! server choice is right when nginx serves what the layer stored.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::{OriginalUri, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use mcpage::{Cache, CacheTags, Config, PageCacheLayer};
+use mcpage_tests::{App, Memcached, Nginx, free_addr, get};
+use tokio::sync::Notify;
+
+/// What the app renders, and how often it was asked.
+#[derive(Clone, Default)]
+struct Site {
+    renders: Arc<Mutex<HashMap<String, usize>>>,
+    total: Arc<AtomicUsize>,
+    /// `/race/*` handlers signal `started` and wait for `release`.
+    started: Arc<Notify>,
+    release: Arc<Notify>,
+}
+
+impl Site {
+    fn renders_of(&self, target: &str) -> usize {
+        self.renders.lock().expect("lock").get(target).copied().unwrap_or(0)
+    }
+}
+
+async fn page(State(site): State<Site>, OriginalUri(uri): OriginalUri) -> Response {
+    let target = uri.path_and_query().map_or("/", |pq| pq.as_str()).to_owned();
+    site.total.fetch_add(1, Ordering::SeqCst);
+    *site.renders.lock().expect("lock").entry(target.clone()).or_default() += 1;
+    let path = uri.path();
+    let html = [(header::CONTENT_TYPE, "text/html; charset=utf-8")];
+    let body = format!("<p>page for {target}</p>");
+    let segment = |i: usize| path.split('/').nth(i).unwrap_or_default().to_owned();
+    match segment(1).as_str() {
+        "tagged" => (CacheTags::new([segment(2), format!("page:{}", segment(3))]), html, body).into_response(),
+        "header-tags" => (html, [("x-cache-tags", format!("{}, extra", segment(2)))], body).into_response(),
+        "set-cookie" => (html, [(header::SET_COOKIE, "csrftoken=abc")], body).into_response(),
+        "private" => (html, [(header::CACHE_CONTROL, "private")], body).into_response(),
+        "no-store" => (html, [(header::CACHE_CONTROL, "no-store")], body).into_response(),
+        "missing" => (StatusCode::NOT_FOUND, html, body).into_response(),
+        "json" => ([(header::CONTENT_TYPE, "application/json")], "{}").into_response(),
+        "race" => {
+            site.started.notify_one();
+            site.release.notified().await;
+            (CacheTags::new(["race"]), html, body).into_response()
+        }
+        _ => (html, body).into_response(),
+    }
+}
+
+struct Stack {
+    memcached: Vec<Memcached>,
+    nginx: Nginx,
+    _app: App,
+    cache: Cache,
+    site: Site,
+}
+
+impl Stack {
+    async fn start(servers: usize, tweak: impl FnOnce(&mut Config)) -> Stack {
+        let memcached: Vec<Memcached> = (0..servers).map(|_| Memcached::start()).collect();
+        let mut config = Config::default();
+        config.memcached.servers = memcached.iter().map(|m| mcpage::config::ServerSpec::new(m.address())).collect();
+        config.cache.exclude = vec!["^/excluded".to_owned()];
+        config.memcached.timeout_ms = 500;
+        tweak(&mut config);
+        let site = Site::default();
+        let cache = Cache::connect(&config).await.expect("cache");
+        let router = Router::new()
+            .fallback(page)
+            .with_state(site.clone())
+            .layer(PageCacheLayer::new(cache.clone()));
+        let app = App::serve(router).await;
+        config.nginx.app = app.address();
+        config.nginx.listen = free_addr();
+        let nginx = Nginx::start(&config);
+        Stack {
+            memcached,
+            nginx,
+            _app: app,
+            cache,
+            site,
+        }
+    }
+
+    async fn fetch(&self, target: &str, headers: &[(&str, &str)]) -> mcpage_tests::Response {
+        get(&self.nginx.url(target), headers).await
+    }
+
+    /// Is the page for `target` in memcached, on any server?
+    fn stored(&self, target: &str) -> bool {
+        let key = self.cache.page_key(None, target.as_bytes()).expect("cacheable target").key;
+        self.memcached.iter().any(|m| m.get_raw(&key).is_some())
+    }
+}
+
+fn x_cache(response: &mcpage_tests::Response) -> &str {
+    response.headers.get("x-cache").and_then(|v| v.to_str().ok()).unwrap_or("")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn miss_is_rendered_stored_then_served_by_nginx_alone() {
+    let stack = Stack::start(1, |_| {}).await;
+    let first = stack.fetch("/articles/1", &[]).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(x_cache(&first), "MISS");
+    stack.cache.settle().await;
+    assert!(stack.stored("/articles/1"));
+
+    let second = stack.fetch("/articles/1", &[]).await;
+    assert_eq!(second.status, 200);
+    assert_eq!(x_cache(&second), "HIT");
+    assert_eq!(second.body, first.body);
+    assert_eq!(
+        second.headers.get("content-type").and_then(|v| v.to_str().ok()),
+        Some("text/html; charset=utf-8")
+    );
+    assert_eq!(stack.site.renders_of("/articles/1"), 1, "the app never saw the hit");
+}
+
+/// Targets whose keys exercise normalization, escaping and the hash input.
+fn tricky_targets() -> Vec<String> {
+    let mut targets: Vec<String> = [
+        "/a//b",
+        "/caf%C3%A9",
+        "/x%20y",
+        "/100%25",
+        "/a/./b2",
+        "/a/%2e%2e/c",
+        "/",
+        "/about",
+        "/articles/1",
+        "/articles/2",
+        "/p+q",
+        "/.hidden",
+        "/a/...",
+        "/q%3Fx",
+        "/h%23x",
+        "/x%0Ay",
+        "/x%7F",
+        "/tab%09tab",
+        "/%E2%82%AC/euro",
+        "/UPPER/Case",
+        "/trailing/",
+        "/a%2Fb/enc-slash",
+        "/w/173",
+    ]
+    .map(String::from)
+    .to_vec();
+    for i in 0..520 {
+        let flavour = match i % 6 {
+            0 => format!("/p/{i}"),
+            1 => format!("/p//{i}//x"),
+            2 => format!("/p/%{:02X}{i}", 0x21 + (i % 90)),
+            3 => format!("/p/caf%C3%A9/{i}"),
+            4 => format!("/p/sp%20ace/{i}/./y"),
+            _ => format!("/p/deep/{i}/z/../w"),
+        };
+        targets.push(flavour);
+    }
+    targets
+}
+
+async fn every_stored_page_is_a_hit(hashing: mcpage::ring::Hashing) {
+    let stack = Stack::start(3, |c| c.memcached.hashing = hashing).await;
+    // Keep one target per key, so each body names the target that stored it.
+    let mut seen = std::collections::HashSet::new();
+    let targets: Vec<String> = tricky_targets()
+        .into_iter()
+        .filter(|t| seen.insert(stack.cache.page_key(None, t.as_bytes()).expect("cacheable").key))
+        .collect();
+    assert!(targets.len() >= 500, "{} distinct keys", targets.len());
+    for target in &targets {
+        let response = stack.fetch(target, &[]).await;
+        assert_eq!(response.status, 200, "{target}");
+        assert_eq!(x_cache(&response), "MISS", "{target}");
+    }
+    stack.cache.settle().await;
+    assert_eq!(stack.cache.stats().stores as usize, targets.len());
+    for target in &targets {
+        let response = stack.fetch(target, &[]).await;
+        assert_eq!(x_cache(&response), "HIT", "{target} was stored but nginx missed it");
+        assert_eq!(response.body, format!("<p>page for {target}</p>").as_bytes(), "{target}");
+    }
+    for m in &stack.memcached {
+        let items: usize = m.stats().get("curr_items").and_then(|v| v.parse().ok()).unwrap_or(0);
+        assert!(items > 50, "every server holds pages ({items} on {})", m.address());
+    }
+    assert_eq!(stack.site.total.load(Ordering::SeqCst), targets.len(), "hits never reached the app");
+
+    // Keys over 250 bytes are never stored, and the user still gets the page.
+    let exactly_250 = format!("/{}", "k".repeat(249));
+    let too_long = format!("/{}", "k".repeat(250));
+    let escaped_too_long = format!("/{}", "%20".repeat(90)); // 181 bytes of V, 271 of K
+    let base64_too_long = format!("/{}%7F", "d".repeat(190)); // 193 bytes of K, 260 on the wire
+    for target in [&too_long, &escaped_too_long, &base64_too_long] {
+        for _ in 0..2 {
+            let response = stack.fetch(target, &[]).await;
+            assert_eq!(response.status, 200, "{target}: never a 502");
+            assert_eq!(x_cache(&response), "BYPASS");
+        }
+    }
+    stack.fetch(&exactly_250, &[]).await;
+    stack.cache.settle().await;
+    assert_eq!(x_cache(&stack.fetch(&exactly_250, &[]).await), "HIT");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_ring_matches_nginx_for_500_urls() {
+    every_stored_page_is_a_hit(mcpage::ring::Hashing::Consistent).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modulo_hash_matches_nginx_for_500_urls() {
+    every_stored_page_is_a_hit(mcpage::ring::Hashing::Modulo).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidating_a_tag_removes_exactly_its_pages_on_all_servers() {
+    let stack = Stack::start(3, |_| {}).await;
+    for i in 0..60 {
+        stack.fetch(&format!("/tagged/comments/{i}"), &[]).await;
+        stack.fetch(&format!("/tagged/other/{i}"), &[]).await;
+    }
+    stack.fetch("/header-tags/comments/h", &[]).await;
+    stack.cache.settle().await;
+    assert_eq!(x_cache(&stack.fetch("/tagged/comments/0", &[]).await), "HIT");
+    assert_eq!(x_cache(&stack.fetch("/header-tags/comments/h", &[]).await), "HIT");
+    let header_tags = stack.fetch("/header-tags/x/y", &[]).await;
+    assert!(header_tags.headers.get("x-cache-tags").is_none(), "X-Cache-Tags never reaches the client");
+
+    let removed = stack.cache.invalidator().invalidate_tags(["comments"]).await.expect("invalidate");
+    assert_eq!(removed.pages, 61);
+    assert_eq!(removed.count_for("comments"), 61);
+    for i in 0..60 {
+        assert!(!stack.stored(&format!("/tagged/comments/{i}")), "comments page {i} survived");
+        assert_eq!(x_cache(&stack.fetch(&format!("/tagged/other/{i}"), &[]).await), "HIT");
+    }
+    assert_ne!(x_cache(&stack.fetch("/tagged/comments/7", &[]).await), "HIT");
+    assert_eq!(stack.site.renders_of("/tagged/comments/7"), 2);
+    // The index was cleared: invalidating again removes only what was re-rendered.
+    stack.cache.settle().await;
+    let again = stack.cache.invalidator().invalidate_tags(["comments"]).await.expect("invalidate");
+    assert_eq!(again.pages, 1);
+    // URLs as a user writes them map through the key contract.
+    let removed = stack.cache.invalidator().invalidate_urls(["/tagged//other/./3"]).await.expect("urls");
+    assert_eq!(removed.pages, 1);
+    assert!(!stack.stored("/tagged/other/3"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_anonymous_cacheable_responses_are_stored() {
+    let stack = Stack::start(2, |_| {}).await;
+    // A page in the cache must not be served to logged-in users.
+    stack.fetch("/shared", &[]).await;
+    stack.cache.settle().await;
+    assert_eq!(x_cache(&stack.fetch("/shared", &[]).await), "HIT");
+    for headers in [
+        &[("cookie", "sessionid=s3cr3t")][..],
+        &[("cookie", "theme=dark; sessionid=s3cr3t")][..],
+        &[("authorization", "Basic dTpw")][..],
+    ] {
+        let response = stack.fetch("/shared", headers).await;
+        assert_eq!(x_cache(&response), "BYPASS", "{headers:?} got a cached page");
+    }
+    // An analytics cookie alone does not prevent caching, nor does a look-alike name.
+    stack.fetch("/analytics", &[("cookie", "_ga=GA1.2.3; xsessionid=1")]).await;
+    stack.cache.settle().await;
+    assert!(stack.stored("/analytics"));
+
+    let never: [(&str, &[(&str, &str)]); 9] = [
+        ("/private-page", &[("cookie", "sessionid=s3cr3t")]),
+        ("/auth-page", &[("authorization", "Bearer t")]),
+        ("/set-cookie/x", &[]),
+        ("/private/x", &[]),
+        ("/no-store/x", &[]),
+        ("/missing/x", &[]),
+        ("/json/x", &[]),
+        ("/excluded/x", &[]),
+        ("/query", &[]),
+    ];
+    for (target, headers) in never {
+        let target = if target == "/query" { "/query?page=2" } else { target };
+        for _ in 0..2 {
+            let response = stack.fetch(target, headers).await;
+            assert_ne!(x_cache(&response), "HIT", "{target}");
+        }
+    }
+    stack.cache.settle().await;
+    for (target, _) in never {
+        assert!(!stack.stored(target), "{target} was stored");
+    }
+    assert_eq!(stack.cache.stats().stores, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_render_that_overlaps_an_invalidation_is_not_kept() {
+    let stack = Stack::start(2, |_| {}).await;
+    for (round, invalidate) in [(0, true), (1, false)] {
+        let target = format!("/race/{round}");
+        let url = stack.nginx.url(&target);
+        let started = stack.site.started.notified();
+        let request = tokio::spawn(async move { get(&url, &[]).await });
+        // The handler is running: the clock was read before it started.
+        started.await;
+        if invalidate {
+            let removed = stack.cache.invalidator().invalidate_tags(["race"]).await.expect("invalidate");
+            assert_eq!(removed.pages, 0, "nothing was registered yet");
+        }
+        stack.site.release.notify_one();
+        let response = request.await.expect("request task");
+        assert_eq!(response.status, 200);
+        stack.cache.settle().await;
+        assert_eq!(stack.stored(&target), !invalidate, "{target}");
+    }
+    assert_eq!(stack.cache.stats().retracted, 1);
+    assert_eq!(stack.cache.stats().stores, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memcached_down_fails_open_and_invalidation_reports_it() {
+    let mut stack = Stack::start(2, |c| c.memcached.timeout_ms = 200).await;
+    stack.fetch("/before", &[]).await;
+    stack.cache.settle().await;
+    for m in &mut stack.memcached {
+        m.stop();
+    }
+    for i in 0..20 {
+        let response = stack.fetch(&format!("/down/{i}"), &[]).await;
+        assert_eq!(response.status, 200, "request {i} failed while memcached was down");
+        assert_eq!(response.body, format!("<p>page for /down/{i}</p>").as_bytes());
+    }
+    let response = stack.fetch("/before", &[]).await;
+    assert_eq!(response.status, 200);
+    assert_ne!(x_cache(&response), "HIT");
+    let error = stack.cache.invalidator().invalidate_tags(["comments"]).await.expect_err("must not claim success");
+    assert!(error.to_string().contains("memcached"), "{error}");
+    assert!(stack.cache.invalidator().invalidate_urls(["/before"]).await.is_err());
+    assert!(stack.cache.stats().servers.iter().any(|(_, open, _)| *open), "the breaker opened");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzip_pages_are_served_compressed_by_nginx() {
+    let stack = Stack::start(1, |c| c.cache.gzip = true).await;
+    let page = stack.fetch("/zipped", &[]).await;
+    stack.cache.settle().await;
+    let hit = stack.fetch("/zipped", &[("accept-encoding", "gzip")]).await;
+    assert_eq!(x_cache(&hit), "HIT");
+    assert_eq!(hit.headers.get("content-encoding").and_then(|v| v.to_str().ok()), Some("gzip"));
+    let mut plain = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&hit.body[..]), &mut plain).expect("gunzip");
+    assert_eq!(plain, page.body);
+    // A client without gzip gets it decompressed by nginx (gunzip on).
+    let identity = stack.fetch("/zipped", &[]).await;
+    assert_eq!(x_cache(&identity), "HIT");
+    assert!(identity.headers.get("content-encoding").is_none());
+    assert_eq!(identity.body, page.body);
+}
+
+/// Drive the layer in-process (no HTTP) for the volume tests.
+async fn render_through_layer(cache: &Cache, targets: impl Iterator<Item = String>, concurrency: usize) {
+    use tower::{Service, ServiceExt};
+    let router = Router::new()
+        .fallback(|OriginalUri(uri): OriginalUri| async move {
+            (CacheTags::new(["big"]), [(header::CONTENT_TYPE, "text/html")], format!("page {uri}"))
+        })
+        .layer(PageCacheLayer::new(cache.clone()).single_flight(false));
+    let targets: Vec<String> = targets.collect();
+    for chunk in targets.chunks(concurrency) {
+        let mut calls = Vec::with_capacity(chunk.len());
+        for target in chunk {
+            let request = axum::http::Request::get(target.as_str()).body(axum::body::Body::empty()).expect("request");
+            let mut service = router.clone();
+            calls.push(async move {
+                let service = service.ready().await.expect("ready");
+                service.call(request).await.expect("infallible")
+            });
+        }
+        for response in futures_util::future::join_all(calls).await {
+            assert_eq!(response.headers().get("x-cache").and_then(|v| v.to_str().ok()), Some("MISS"));
+        }
+    }
+    cache.settle().await;
+}
+
+fn index_item_sizes(memcached: &Memcached) -> Vec<(Vec<u8>, usize)> {
+    memcached
+        .keys()
+        .into_iter()
+        .filter(|k| k.starts_with(b"mcpage:t:"))
+        .map(|k| {
+            let size = memcached.get_raw(&k).map_or(0, |(_, v)| v.len());
+            (k, size)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_stays_bounded() {
+    let memcached = Memcached::start_with(&["-m", "256"]);
+    let mut config = Config::default();
+    config.memcached.servers = vec![mcpage::config::ServerSpec::new(memcached.address())];
+    config.memcached.timeout_ms = 1000;
+    let cache = Cache::connect(&config).await.expect("cache");
+
+    // One URL rendered 10,000 times keeps its index item small.
+    render_through_layer(&cache, (0..10_000).map(|_| "/same".to_owned()), 32).await;
+    let sizes = index_item_sizes(&memcached);
+    assert_eq!(sizes.len(), 1, "one shard holds the one page");
+    let (_, size) = &sizes[0];
+    println!("index item after 10,000 renders of one URL: {size} bytes");
+    assert!(*size <= 2 * 4096, "index grew to {size} bytes");
+
+    // A tag with 50,000 pages never nears the 1 MiB item limit.
+    render_through_layer(&cache, (0..50_000).map(|i| format!("/big/{i}")), 64).await;
+    let sizes = index_item_sizes(&memcached);
+    let largest = sizes.iter().map(|(_, s)| *s).max().unwrap_or(0);
+    let total: usize = sizes.iter().map(|(_, s)| *s).sum();
+    println!("50,000 pages: {} index items, largest {largest} bytes, total {total} bytes", sizes.len());
+    assert!(largest <= config.cache.index_shard_max_bytes, "largest index item {largest} bytes");
+    assert!(largest < 512 * 1024);
+    assert_eq!(cache.stats().store_errors, 0);
+
+    let started = std::time::Instant::now();
+    let removed = cache.invalidator().invalidate_tags(["big"]).await.expect("invalidate");
+    let elapsed = started.elapsed();
+    println!("invalidated {} pages in {elapsed:?}", removed.pages);
+    assert_eq!(removed.pages, 50_001);
+    assert!(index_item_sizes(&memcached).is_empty(), "the index was cleared");
+}
