@@ -423,8 +423,9 @@ fn check_servers(field: &str, servers: &[ServerSpec], may_be_empty: bool) -> Res
             // nginx would hash an empty port but connect to 80: always write the port.
             _ => return Err(Error::config(field, format!("`{address}` must be host:port"))),
         }
-        if server.weight == 0 {
-            return Err(Error::config(field, "weight must be at least 1"));
+        if !(1..=1000).contains(&server.weight) {
+            // 160 ring points per unit of weight: keep the ring a sane size.
+            return Err(Error::config(field, "weight must be 1..=1000"));
         }
     }
     Ok(())

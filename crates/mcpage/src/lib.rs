@@ -41,6 +41,11 @@ mod tags;
 #[cfg(test)]
 mod reference_tests;
 
+/// The README's examples run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
+
 pub use cache::Cache;
 pub use config::Config;
 pub use error::{Error, Result};
