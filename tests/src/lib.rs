@@ -89,14 +89,14 @@ fn is_root() -> bool {
 }
 
 /// Send a signal by name to `pid` with the `kill` command (no unsafe code).
-fn signal(pid: u32, name: &str) {
-    let status = Command::new("kill")
+fn signal(pid: u32, name: &str) -> bool {
+    Command::new("kill")
         .arg("-s")
         .arg(name)
         .arg(pid.to_string())
+        .stderr(Stdio::null())
         .status()
-        .unwrap_or_else(|e| panic!("run `kill -s {name} {pid}`: {e}"));
-    assert!(status.success(), "`kill -s {name} {pid}` failed: {status}");
+        .is_ok_and(|status| status.success())
 }
 
 fn spawn_error(binary: &str, error: std::io::Error) -> ! {
@@ -168,7 +168,18 @@ impl Memcached {
         let log = std::fs::File::create(&log_path).context("create memcached.log")?;
         let mut command = Command::new("memcached");
         command
-            .args(["-l", "127.0.0.1", "-p", &self.port.to_string(), "-U", "0", "-m", "64", "-t", "1"])
+            .args([
+                "-l",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "0",
+                "-m",
+                "64",
+                "-t",
+                "1",
+            ])
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("dup log")?)
@@ -176,7 +187,9 @@ impl Memcached {
         if is_root() {
             command.args(["-u", "root"]);
         }
-        let child = command.spawn().unwrap_or_else(|e| spawn_error("memcached", e));
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| spawn_error("memcached", e));
         self.child = Some(child);
         let deadline = Instant::now() + START_DEADLINE;
         loop {
@@ -184,7 +197,10 @@ impl Memcached {
                 if let Ok(Some(status)) = child.try_wait() {
                     self.child = None;
                     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-                    bail!("memcached exited with {status} on port {}: {log}", self.port);
+                    bail!(
+                        "memcached exited with {status} on port {}: {log}",
+                        self.port
+                    );
                 }
             }
             if self.is_responsive(Duration::from_millis(200)) {
@@ -193,7 +209,10 @@ impl Memcached {
             if Instant::now() >= deadline {
                 self.kill();
                 let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-                bail!("memcached on port {} not ready after {START_DEADLINE:?}: {log}", self.port);
+                bail!(
+                    "memcached on port {} not ready after {START_DEADLINE:?}: {log}",
+                    self.port
+                );
             }
             std::thread::sleep(POLL);
         }
@@ -236,12 +255,14 @@ impl Memcached {
 
     /// SIGSTOP: connections are accepted by the kernel but never answered.
     pub fn pause(&self) {
-        signal(self.pid().expect("memcached is not running"), "STOP");
+        let pid = self.pid().expect("memcached is not running");
+        assert!(signal(pid, "STOP"), "`kill -s STOP {pid}` failed");
     }
 
     /// SIGCONT after [`pause`](Self::pause).
     pub fn resume(&self) {
-        signal(self.pid().expect("memcached is not running"), "CONT");
+        let pid = self.pid().expect("memcached is not running");
+        assert!(signal(pid, "CONT"), "`kill -s CONT {pid}` failed");
     }
 
     /// Does `version` get an answer within `timeout` on a fresh connection?
@@ -281,7 +302,10 @@ impl Memcached {
             if line == end {
                 return Ok(lines);
             }
-            if line == b"ERROR" || line.starts_with(b"CLIENT_ERROR") || line.starts_with(b"SERVER_ERROR") {
+            if line == b"ERROR"
+                || line.starts_with(b"CLIENT_ERROR")
+                || line.starts_with(b"SERVER_ERROR")
+            {
                 bail!("memcached answered {}", String::from_utf8_lossy(&line));
             }
             lines.push(line);
@@ -290,14 +314,18 @@ impl Memcached {
 
     /// `stats`, raw: name → value.
     pub fn stats(&self) -> HashMap<String, String> {
-        let lines = self.lines_until(b"stats\r\n", b"END").expect("memcached stats");
+        let lines = self
+            .lines_until(b"stats\r\n", b"END")
+            .expect("memcached stats");
         lines
             .iter()
             .filter_map(|line| {
                 let line = String::from_utf8_lossy(line);
                 let mut words = line.splitn(3, ' ');
                 match (words.next(), words.next(), words.next()) {
-                    (Some("STAT"), Some(name), Some(value)) => Some((name.to_owned(), value.to_owned())),
+                    (Some("STAT"), Some(name), Some(value)) => {
+                        Some((name.to_owned(), value.to_owned()))
+                    }
                     _ => None,
                 }
             })
@@ -350,7 +378,12 @@ impl Memcached {
         command.extend_from_slice(value);
         command.extend_from_slice(b"\r\n");
         let answer = self.one_line(&command);
-        assert_eq!(answer, "STORED", "memcached set {}", String::from_utf8_lossy(key));
+        assert_eq!(
+            answer,
+            "STORED",
+            "memcached set {}",
+            String::from_utf8_lossy(key)
+        );
     }
 
     /// `delete key`: whether something was deleted.
@@ -425,7 +458,11 @@ impl fmt::Debug for Memcached {
 }
 
 fn percent_decode(text: &[u8]) -> Vec<u8> {
-    let hex = |b: u8| char::from(b).to_digit(16).and_then(|d| u8::try_from(d).ok());
+    let hex = |b: u8| {
+        char::from(b)
+            .to_digit(16)
+            .and_then(|d| u8::try_from(d).ok())
+    };
     let mut out = Vec::with_capacity(text.len());
     let mut i = 0;
     while i < text.len() {
@@ -563,7 +600,7 @@ impl Drop for Nginx {
         if let Some(mut child) = self.child.take() {
             // SIGTERM lets the master stop its workers; SIGKILL would orphan them.
             if matches!(child.try_wait(), Ok(None)) {
-                signal(child.id(), "TERM");
+                let _ = signal(child.id(), "TERM");
             }
             reap(&mut child, Duration::from_secs(10));
         }
@@ -584,7 +621,8 @@ impl fmt::Debug for Nginx {
 fn connect_address(listen: &str) -> String {
     let addr = listen.split_whitespace().next().unwrap_or(listen);
     if addr.contains(':') {
-        addr.replace("*:", "127.0.0.1:").replace("0.0.0.0:", "127.0.0.1:")
+        addr.replace("*:", "127.0.0.1:")
+            .replace("0.0.0.0:", "127.0.0.1:")
     } else {
         format!("127.0.0.1:{addr}")
     }
@@ -739,14 +777,20 @@ pub async fn request_target(
         .with_context(|| format!("no complete response within {HTTP_DEADLINE:?}"))?
 }
 
-async fn read_response(stream: &mut tokio::net::TcpStream, head_request: bool) -> anyhow::Result<Response> {
+async fn read_response(
+    stream: &mut tokio::net::TcpStream,
+    head_request: bool,
+) -> anyhow::Result<Response> {
     let mut buf = Vec::with_capacity(8192);
     let header_end = loop {
         if let Some(i) = find(&buf, b"\r\n\r\n") {
             break i;
         }
         if stream.read_buf(&mut buf).await? == 0 {
-            bail!("connection closed in the response head: {:?}", String::from_utf8_lossy(&buf));
+            bail!(
+                "connection closed in the response head: {:?}",
+                String::from_utf8_lossy(&buf)
+            );
         }
     };
     let head = String::from_utf8_lossy(&buf[..header_end]).into_owned();
@@ -757,10 +801,13 @@ async fn read_response(stream: &mut tokio::net::TcpStream, head_request: bool) -
         .split(' ')
         .nth(1)
         .with_context(|| format!("bad status line {status_line:?}"))?;
-    let status = StatusCode::from_bytes(code.as_bytes()).with_context(|| format!("bad status {code:?}"))?;
+    let status =
+        StatusCode::from_bytes(code.as_bytes()).with_context(|| format!("bad status {code:?}"))?;
     let mut headers = HeaderMap::new();
     for line in lines {
-        let (name, value) = line.split_once(':').with_context(|| format!("bad header {line:?}"))?;
+        let (name, value) = line
+            .split_once(':')
+            .with_context(|| format!("bad header {line:?}"))?;
         headers.append(
             HeaderName::from_bytes(name.trim().as_bytes())?,
             HeaderValue::from_bytes(value.trim().as_bytes())?,
@@ -774,7 +821,10 @@ async fn read_response(stream: &mut tokio::net::TcpStream, head_request: bool) -
     let chunked = headers
         .get_all(http::header::TRANSFER_ENCODING)
         .iter()
-        .any(|v| v.to_str().is_ok_and(|v| v.to_ascii_lowercase().contains("chunked")));
+        .any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.to_ascii_lowercase().contains("chunked"))
+        });
     let length = headers
         .get(http::header::CONTENT_LENGTH)
         .map(|v| -> anyhow::Result<usize> { Ok(v.to_str()?.trim().parse()?) })
@@ -787,7 +837,10 @@ async fn read_response(stream: &mut tokio::net::TcpStream, head_request: bool) -
     } else if let Some(length) = length {
         while rest.len() < length {
             if stream.read_buf(&mut rest).await? == 0 {
-                bail!("connection closed after {} of {length} body bytes", rest.len());
+                bail!(
+                    "connection closed after {} of {length} body bytes",
+                    rest.len()
+                );
             }
         }
         rest.truncate(length);
@@ -803,7 +856,10 @@ async fn read_response(stream: &mut tokio::net::TcpStream, head_request: bool) -
     })
 }
 
-async fn read_chunked(stream: &mut tokio::net::TcpStream, mut buf: Vec<u8>) -> anyhow::Result<Vec<u8>> {
+async fn read_chunked(
+    stream: &mut tokio::net::TcpStream,
+    mut buf: Vec<u8>,
+) -> anyhow::Result<Vec<u8>> {
     let mut body = Vec::new();
     let mut pos = 0;
     loop {
@@ -818,7 +874,8 @@ async fn read_chunked(stream: &mut tokio::net::TcpStream, mut buf: Vec<u8>) -> a
         };
         let size_text = String::from_utf8_lossy(&buf[pos..line_end]).into_owned();
         let size_text = size_text.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_text, 16).with_context(|| format!("bad chunk size {size_text:?}"))?;
+        let size = usize::from_str_radix(size_text, 16)
+            .with_context(|| format!("bad chunk size {size_text:?}"))?;
         pos = line_end + 2;
         if size == 0 {
             // Trailers (if any) end with an empty line; nothing here needs them.

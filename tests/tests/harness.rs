@@ -12,7 +12,9 @@ use axum::response::IntoResponse;
 use axum::routing::get as get_route;
 use mcpage::Config;
 use mcpage::config::ServerSpec;
-use mcpage_tests::{App, Memcached, Nginx, free_addr, get, gzip, request, request_target, wait_until};
+use mcpage_tests::{
+    App, Memcached, Nginx, free_addr, get, gzip, request, request_target, wait_until,
+};
 
 const EVENTUALLY: Duration = Duration::from_secs(10);
 
@@ -44,7 +46,10 @@ impl Recorder {
 
 impl Seen {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -55,7 +60,9 @@ async fn record(
     headers: HeaderMap,
     body: Bytes,
 ) -> impl IntoResponse {
-    let target = uri.path_and_query().map_or_else(|| uri.to_string(), ToString::to_string);
+    let target = uri
+        .path_and_query()
+        .map_or_else(|| uri.to_string(), ToString::to_string);
     let reply = format!("app:{method} {target}");
     recorder.0.lock().expect("recorder lock").push(Seen {
         method: method.to_string(),
@@ -63,10 +70,19 @@ async fn record(
         body: body.to_vec(),
         headers: headers
             .iter()
-            .map(|(n, v)| (n.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .map(|(n, v)| {
+                (
+                    n.to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
             .collect(),
     });
-    (StatusCode::OK, [("content-type", "text/html"), ("x-cache", "MISS")], reply)
+    (
+        StatusCode::OK,
+        [("content-type", "text/html"), ("x-cache", "MISS")],
+        reply,
+    )
 }
 
 /// memcached + the recording app + nginx in front of both.
@@ -119,19 +135,39 @@ fn assert_from_app(response: &mcpage_tests::Response, expected_body: &str) {
 fn memcached_start_set_get_keys_stats() {
     let memcached = Memcached::start();
     assert!(memcached.address().starts_with("127.0.0.1:"));
-    assert_eq!(memcached.address(), format!("127.0.0.1:{}", memcached.port()));
+    assert_eq!(
+        memcached.address(),
+        format!("127.0.0.1:{}", memcached.port())
+    );
     assert_eq!(memcached.get_raw(b"/nothing"), None);
     memcached.set_raw(b"/hello", 0, b"hello\r\nEND\r\n");
     memcached.set_raw(b"/caf\xC3\xA9", 2, b"");
     memcached.set_raw(b"/100%25", 7, b"x");
-    assert_eq!(memcached.get_raw(b"/hello"), Some((0, b"hello\r\nEND\r\n".to_vec())));
+    assert_eq!(
+        memcached.get_raw(b"/hello"),
+        Some((0, b"hello\r\nEND\r\n".to_vec()))
+    );
     assert_eq!(memcached.get_raw(b"/caf\xC3\xA9"), Some((2, Vec::new())));
     let mut keys = memcached.keys();
     keys.sort();
-    assert_eq!(keys, [b"/100%25".to_vec(), b"/caf\xC3\xA9".to_vec(), b"/hello".to_vec()]);
+    assert_eq!(
+        keys,
+        [
+            b"/100%25".to_vec(),
+            b"/caf\xC3\xA9".to_vec(),
+            b"/hello".to_vec()
+        ]
+    );
     let stats = memcached.stats();
-    assert_eq!(stats.get("curr_items").map(String::as_str), Some("3"), "{stats:?}");
-    assert_eq!(stats.get("pid").map(String::as_str), memcached.pid().map(|p| p.to_string()).as_deref());
+    assert_eq!(
+        stats.get("curr_items").map(String::as_str),
+        Some("3"),
+        "{stats:?}"
+    );
+    assert_eq!(
+        stats.get("pid").map(String::as_str),
+        memcached.pid().map(|p| p.to_string()).as_deref()
+    );
     assert!(memcached.delete_raw(b"/hello"));
     assert!(!memcached.delete_raw(b"/hello"));
     memcached.flush_all();
@@ -140,25 +176,41 @@ fn memcached_start_set_get_keys_stats() {
 
 #[test]
 fn memcached_stop_restart_pause_resume() {
-    let mut memcached = Memcached::start_with(&["-I", "2m"]);
+    let mut memcached = Memcached::start_with(&["-c", "500"]);
     let port = memcached.port();
-    assert_eq!(memcached.stats().get("item_size_max").map(String::as_str), Some("2097152"));
+    assert_eq!(
+        memcached.stats().get("max_connections").map(String::as_str),
+        Some("500")
+    );
     memcached.set_raw(b"k", 0, b"v");
 
     memcached.pause();
-    assert!(!memcached.is_responsive(Duration::from_millis(200)), "a paused memcached answered");
+    assert!(
+        !memcached.is_responsive(Duration::from_millis(200)),
+        "a paused memcached answered"
+    );
     memcached.resume();
     assert!(memcached.is_responsive(Duration::from_secs(5)));
     assert_eq!(memcached.get_raw(b"k"), Some((0, b"v".to_vec())));
 
     memcached.stop();
     assert!(memcached.pid().is_none());
-    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "port still open after stop");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "port still open after stop"
+    );
 
     memcached.restart();
     assert_eq!(memcached.port(), port);
-    assert_eq!(memcached.get_raw(b"k"), None, "a restarted memcached is empty");
-    assert_eq!(memcached.stats().get("item_size_max").map(String::as_str), Some("2097152"));
+    assert_eq!(
+        memcached.get_raw(b"k"),
+        None,
+        "a restarted memcached is empty"
+    );
+    assert_eq!(
+        memcached.stats().get("max_connections").map(String::as_str),
+        Some("500")
+    );
 
     // A paused server still drops cleanly.
     memcached.pause();
@@ -193,7 +245,10 @@ async fn hit_miss_and_headers() {
     assert_eq!(s.recorder.count(), 1);
     let raw = "/a//b/%2e%2e/c%C3%A9?x=%41";
     // (bypass mode: a query goes to the app too, still raw)
-    assert_from_app(&get(&s.nginx.url(raw), &[]).await, &format!("app:GET {raw}"));
+    assert_from_app(
+        &get(&s.nginx.url(raw), &[]).await,
+        &format!("app:GET {raw}"),
+    );
     let seen = s.recorder.last();
     assert_eq!(seen.target, raw);
     assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
@@ -210,12 +265,20 @@ async fn hit_miss_and_headers() {
     assert_hit(&get(&s.nginx.url("/caf%c3%a9"), &[]).await, "cafe");
 
     // The access log says what happened.
-    wait_until(EVENTUALLY, "the access log shows hits and misses", || async {
-        let log = s.nginx.access_log();
-        log.contains("\"GET /hello HTTP/1.1\" 200 14 cache=HIT bypass= ")
-            && log.contains("\"GET /missing HTTP/1.1\" 200 ")
-            && log.lines().any(|l| l.contains("/missing") && l.contains(" cache=MISS ") && l.contains("upstream_status=404 : 200"))
-    })
+    wait_until(
+        EVENTUALLY,
+        "the access log shows hits and misses",
+        || async {
+            let log = s.nginx.access_log();
+            log.contains("\"GET /hello HTTP/1.1\" 200 14 cache=HIT bypass=- ")
+                && log.contains("\"GET /missing HTTP/1.1\" 200 ")
+                && log.lines().any(|l| {
+                    l.contains("/missing")
+                        && l.contains(" cache=MISS ")
+                        && l.contains("upstream_status=404 : 200")
+                })
+        },
+    )
     .await;
 }
 
@@ -236,7 +299,10 @@ async fn non_get_methods_reach_the_app_with_their_body() {
     let seen = s.recorder.last();
     assert_eq!(seen.method, "POST");
     assert_eq!(seen.body, form);
-    assert_eq!(seen.header("content-type"), Some("application/x-www-form-urlencoded"));
+    assert_eq!(
+        seen.header("content-type"),
+        Some("application/x-www-form-urlencoded")
+    );
 
     // A body larger than client_body_buffer_size goes through nginx's temp file.
     let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
@@ -244,7 +310,11 @@ async fn non_get_methods_reach_the_app_with_their_body() {
     assert_from_app(&response, "app:PUT /upload?x=1");
     let seen = s.recorder.last();
     assert_eq!(seen.method, "PUT");
-    assert!(seen.body == big, "the large body arrived changed ({} bytes)", seen.body.len());
+    assert!(
+        seen.body == big,
+        "the large body arrived changed ({} bytes)",
+        seen.body.len()
+    );
 
     for method in ["DELETE", "PATCH", "OPTIONS"] {
         let response = request(method, &s.nginx.url("/hello"), &[], b"").await;
@@ -253,14 +323,21 @@ async fn non_get_methods_reach_the_app_with_their_body() {
     // Methods are case-sensitive: `get` is not GET.
     let response = request("get", &s.nginx.url("/hello"), &[], b"").await;
     assert_ne!(response.header("x-cache"), Some("HIT"), "{response:?}");
-    assert_eq!(s.memcached.get_raw(b"/hello"), Some((0, b"cached".to_vec())));
+    assert_eq!(
+        s.memcached.get_raw(b"/hello"),
+        Some((0, b"cached".to_vec()))
+    );
 
-    wait_until(EVENTUALLY, "the access log shows the method bypass", || async {
-        s.nginx
-            .access_log()
-            .lines()
-            .any(|l| l.contains("\"POST /hello HTTP/1.1\" 200") && l.contains("cache=BYPASS bypass=method"))
-    })
+    wait_until(
+        EVENTUALLY,
+        "the access log shows the method bypass",
+        || async {
+            s.nginx.access_log().lines().any(|l| {
+                l.contains("\"POST /hello HTTP/1.1\" 200")
+                    && l.contains("cache=BYPASS bypass=method")
+            })
+        },
+    )
     .await;
 }
 
@@ -270,7 +347,13 @@ async fn logged_in_and_query_requests_bypass_memcached() {
     s.memcached.set_raw(b"/hello", 0, b"cached");
     let url = s.nginx.url("/hello");
 
-    for cookie in ["sessionid=x", "a=1; sessionid=x", "a=1;sessionid=", "sessionid", "theme=dark; sessionid =1"] {
+    for cookie in [
+        "sessionid=x",
+        "a=1; sessionid=x",
+        "a=1;sessionid=",
+        "sessionid",
+        "theme=dark; sessionid =1",
+    ] {
         let response = get(&url, &[("Cookie", cookie)]).await;
         assert_from_app(&response, "app:GET /hello");
         assert_eq!(s.recorder.last().header("cookie"), Some(cookie));
@@ -279,23 +362,39 @@ async fn logged_in_and_query_requests_bypass_memcached() {
     let response = get(&url, &[("Cookie", "a=1"), ("Cookie", "sessionid=2")]).await;
     assert_from_app(&response, "app:GET /hello");
 
-    for cookie in ["xsessionid=1", "a=sessionid=1", "sessionidx=1", "SESSIONID=1", "q=1; my_sessionid=2"] {
+    for cookie in [
+        "xsessionid=1",
+        "a=sessionid=1",
+        "sessionidx=1",
+        "SESSIONID=1",
+        "q=1; my_sessionid=2",
+    ] {
         assert_hit(&get(&url, &[("Cookie", cookie)]).await, "cached");
     }
 
-    assert_from_app(&get(&url, &[("Authorization", "Basic eDp5")]).await, "app:GET /hello");
-    assert_from_app(&get(&s.nginx.url("/hello?x=1"), &[]).await, "app:GET /hello?x=1");
+    assert_from_app(
+        &get(&url, &[("Authorization", "Basic eDp5")]).await,
+        "app:GET /hello",
+    );
+    assert_from_app(
+        &get(&s.nginx.url("/hello?x=1"), &[]).await,
+        "app:GET /hello?x=1",
+    );
     assert_from_app(&get(&s.nginx.url("/hello?"), &[]).await, "app:GET /hello?");
     // An encoded `?` is part of the path, not a query.
     s.memcached.set_raw(b"/q?x", 0, b"question");
     assert_hit(&get(&s.nginx.url("/q%3Fx"), &[]).await, "question");
 
-    wait_until(EVENTUALLY, "the access log names the bypass reasons", || async {
-        let log = s.nginx.access_log();
-        ["bypass=cookie", "bypass=authorization", "bypass=query"]
-            .iter()
-            .all(|reason| log.contains(&format!("cache=BYPASS {reason} ")))
-    })
+    wait_until(
+        EVENTUALLY,
+        "the access log names the bypass reasons",
+        || async {
+            let log = s.nginx.access_log();
+            ["bypass=cookie", "bypass=authorization", "bypass=query"]
+                .iter()
+                .all(|reason| log.contains(&format!("cache=BYPASS {reason} ")))
+        },
+    )
     .await;
 }
 
@@ -311,7 +410,9 @@ async fn admin_paths_go_to_the_app() {
     assert_eq!(response.text(), "app:POST /_mcpage/invalidate");
     assert_eq!(s.recorder.last().body, b"tag=x");
     wait_until(EVENTUALLY, "the access log shows ADMIN", || async {
-        s.nginx.access_log().contains("\"GET /_mcpage/health HTTP/1.1\" 200 2 cache=ADMIN")
+        s.nginx
+            .access_log()
+            .contains("\"GET /_mcpage/health HTTP/1.1\" 200 2 cache=ADMIN")
     })
     .await;
 }
@@ -351,17 +452,28 @@ async fn memcached_down_or_oversized_keys_fall_back_to_the_app() {
     s.memcached.set_raw(b"p$x:/hello", 0, b"prefixed");
     assert_hit(&get(&s.nginx.url("/hello"), &[]).await, "prefixed");
 
-    // A key over 250 bytes: memcached answers CLIENT_ERROR, nginx 502, caught.
+    // A key over 250 bytes is not even asked for (memcached would answer CLIENT_ERROR).
     let long = format!("/{}", "a".repeat(260));
-    assert_from_app(&get(&s.nginx.url(&long), &[]).await, &format!("app:GET {long}"));
+    assert_from_app(
+        &get(&s.nginx.url(&long), &[]).await,
+        &format!("app:GET {long}"),
+    );
 
     s.memcached.stop();
     assert_from_app(&get(&s.nginx.url("/hello"), &[]).await, "app:GET /hello");
     wait_until(EVENTUALLY, "the access log shows ERROR", || async {
-        s.nginx.access_log().lines().filter(|l| l.contains(" cache=ERROR ")).count() >= 2
+        let log = s.nginx.access_log();
+        log.contains(" cache=BYPASS bypass=long_key ")
+            && log
+                .lines()
+                .any(|l| l.contains("GET /hello ") && l.contains(" cache=ERROR "))
     })
     .await;
-    assert!(s.nginx.error_log().contains("connect() failed"), "{}", s.nginx.error_log());
+    assert!(
+        s.nginx.error_log().contains("connect() failed"),
+        "{}",
+        s.nginx.error_log()
+    );
 }
 
 #[tokio::test]
@@ -373,8 +485,153 @@ async fn host_mode_keys_and_allowed_hosts() {
     .await;
     s.memcached.set_raw(b"example.com/hello", 0, b"example");
     s.memcached.set_raw(b"other.org/hello", 0, b"other");
-    assert_hit(&get(&s.nginx.url("/hello"), &[("Host", "Example.COM:8080")]).await, "example");
-    assert_from_app(&get(&s.nginx.url("/hello"), &[("Host", "other.org")]).await, "app:GET /hello");
+    assert_hit(
+        &get(&s.nginx.url("/hello"), &[("Host", "Example.COM:8080")]).await,
+        "example",
+    );
+    assert_from_app(
+        &get(&s.nginx.url("/hello"), &[("Host", "other.org")]).await,
+        "app:GET /hello",
+    );
     assert_eq!(s.recorder.last().header("host"), Some("other.org"));
     assert_from_app(&get(&s.nginx.url("/hello"), &[]).await, "app:GET /hello");
+}
+
+/// A request target whose `$uri` is `/` + `escapes` escaped bytes + `plain` letters.
+fn target_with(escapes: usize, plain: usize) -> (String, Vec<u8>) {
+    const ESCAPED: [(&str, &[u8]); 4] = [
+        ("%20", b"%20"),
+        ("%25", b"%25"),
+        ("%0A", b"%0A"),
+        ("%09", b"%09"),
+    ];
+    let mut target = String::from("/");
+    let mut key = b"/".to_vec();
+    for i in 0..escapes {
+        let (request, wire) = ESCAPED[i % ESCAPED.len()];
+        target.push_str(request);
+        key.extend_from_slice(wire);
+    }
+    target.push_str(&"a".repeat(plain));
+    key.extend(std::iter::repeat_n(b'a', plain));
+    (target, key)
+}
+
+#[tokio::test]
+async fn long_keys_are_never_asked_and_never_disable_a_server() {
+    let other = Memcached::start();
+    let s = stack(|config| {
+        config.keys.prefix = "pg:".to_owned();
+        config
+            .memcached
+            .servers
+            .push(ServerSpec::new(other.address()));
+    })
+    .await;
+    let scheme = mcpage::key::KeyScheme::new("pg:", mcpage::key::QueryMode::Bypass, true, false);
+    let both = |key: &[u8], value: &[u8]| {
+        s.memcached.set_raw(key, 0, value);
+        other.set_raw(key, 0, value);
+    };
+    // Where each page lives before: one server answers "A", the other "B".
+    for i in 0..20 {
+        s.memcached.set_raw(format!("pg:/k{i}").as_bytes(), 0, b"A");
+        other.set_raw(format!("pg:/k{i}").as_bytes(), 0, b"B");
+    }
+    let mut before = Vec::new();
+    for i in 0..20 {
+        before.push(get(&s.nginx.url(&format!("/k{i}")), &[]).await.text());
+    }
+    assert!(
+        before.contains(&"A".to_owned()) && before.contains(&"B".to_owned()),
+        "{before:?}"
+    );
+
+    // len(K) = 3 (prefix) + 1 + 3 * escapes + plain: 250 is asked, 251 is not.
+    for escapes in [0, 1, 2, 40, 81, 82] {
+        let plain = 246 - 3 * escapes;
+        let (target, key) = target_with(escapes, plain);
+        let mut wire = b"pg:".to_vec();
+        wire.extend_from_slice(&key);
+        assert_eq!(wire.len(), 250);
+        let page = scheme
+            .page_key(None, target.as_bytes())
+            .expect("250 bytes is a valid key");
+        assert_eq!(page.key, wire, "the layer computes the same key");
+        both(&wire, b"longest");
+        assert_hit(&get(&s.nginx.url(&target), &[]).await, "longest");
+
+        let (target, _) = target_with(escapes, plain + 1);
+        assert!(
+            scheme.page_key(None, target.as_bytes()).is_err(),
+            "the layer never stores 251 bytes"
+        );
+        assert_from_app(
+            &get(&s.nginx.url(&target), &[]).await,
+            &format!("app:GET {target}"),
+        );
+    }
+    for (escapes, plain) in [(83, 0), (84, 0), (100, 0), (0, 400), (90, 300)] {
+        let (target, _) = target_with(escapes, plain);
+        assert_from_app(
+            &get(&s.nginx.url(&target), &[]).await,
+            &format!("app:GET {target}"),
+        );
+    }
+
+    let mut after = Vec::new();
+    for i in 0..20 {
+        after.push(get(&s.nginx.url(&format!("/k{i}")), &[]).await.text());
+    }
+    assert_eq!(
+        before,
+        after,
+        "long keys moved pages:\n{}",
+        s.nginx.error_log()
+    );
+    let errors = s.nginx.error_log();
+    assert!(
+        !errors.contains("invalid response") && !errors.contains("disabled"),
+        "{errors}"
+    );
+    wait_until(
+        EVENTUALLY,
+        "the access log shows long_key bypasses",
+        || async {
+            s.nginx
+                .access_log()
+                .matches("cache=BYPASS bypass=long_key ")
+                .count()
+                == 11
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn ordinary_traffic_logs_no_warnings() {
+    let s = stack(|_| {}).await;
+    s.memcached.set_raw(b"/hello", 0, b"hi");
+    assert_hit(&get(&s.nginx.url("/hello"), &[]).await, "hi");
+    get(&s.nginx.url("/miss"), &[]).await;
+    get(&s.nginx.url("/hello"), &[("Cookie", "sessionid=1")]).await;
+    get(&s.nginx.url("/_mcpage/health"), &[]).await;
+    request("POST", &s.nginx.url("/_mcpage/invalidate"), &[], b"x").await;
+    request("POST", &s.nginx.url("/form"), &[], b"x").await;
+    wait_until(EVENTUALLY, "six access log lines", || async {
+        s.nginx.access_log().lines().count() == 6
+    })
+    .await;
+    let log = s.nginx.access_log();
+    for expected in [
+        "\"GET /hello HTTP/1.1\" 200 2 cache=HIT bypass=- upstream=127.0.0.1:",
+        "\"GET /miss HTTP/1.1\" 200 13 cache=MISS bypass=- ",
+        "\"GET /hello HTTP/1.1\" 200 14 cache=BYPASS bypass=cookie ",
+        "\"GET /_mcpage/health HTTP/1.1\" 200 2 cache=ADMIN bypass=- ",
+        "\"POST /_mcpage/invalidate HTTP/1.1\" 200 28 cache=ADMIN bypass=method ",
+        "\"POST /form HTTP/1.1\" 200 14 cache=BYPASS bypass=method ",
+    ] {
+        assert!(log.contains(expected), "no `{expected}` in:\n{log}");
+    }
+    assert_eq!(s.nginx.error_log(), "", "nginx logged errors or warnings");
 }

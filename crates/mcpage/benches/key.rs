@@ -64,7 +64,10 @@ fn ratio() {
             let _ = black_box(scheme.page_key(None, black_box(t.as_bytes())));
         }
     });
-    println!("page_key: {key:.1} ns/target, copy baseline {copy:.1} ns/target, ratio {:.1}x", key / copy);
+    println!(
+        "page_key: {key:.1} ns/target, copy baseline {copy:.1} ns/target, ratio {:.1}x",
+        key / copy
+    );
 }
 
 criterion_group!(group, benches);

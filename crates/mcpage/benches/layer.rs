@@ -29,15 +29,19 @@ async fn handler(_: Request<Full<Bytes>>) -> Result<Response<Full<Bytes>>, Infal
 
 fn benches(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let cache = runtime.block_on(Cache::connect(&Config::default())).expect("cache");
+    let cache = runtime
+        .block_on(Cache::connect(&Config::default()))
+        .expect("cache");
     let bare = service_fn(handler);
     let layered = PageCacheLayer::new(cache).layer(service_fn(handler));
     let mut group = c.benchmark_group("bypassed_request");
     group.bench_function("bare", |b| {
-        b.to_async(&runtime).iter(|| async { black_box(bare.oneshot(request()).await) })
+        b.to_async(&runtime)
+            .iter(|| async { black_box(bare.oneshot(request()).await) })
     });
     group.bench_function("with_layer", |b| {
-        b.to_async(&runtime).iter(|| async { black_box(layered.clone().oneshot(request()).await) })
+        b.to_async(&runtime)
+            .iter(|| async { black_box(layered.clone().oneshot(request()).await) })
     });
     group.finish();
 

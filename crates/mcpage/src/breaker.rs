@@ -54,7 +54,9 @@ impl Breaker {
     }
 
     fn cooldown_ms(&self) -> u64 {
-        u64::try_from(self.cooldown.as_millis()).unwrap_or(u64::MAX).max(1)
+        u64::try_from(self.cooldown.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
     }
 
     pub(crate) fn record_success(&self) {
@@ -63,7 +65,10 @@ impl Breaker {
     }
 
     pub(crate) fn record_failure(&self) {
-        let failures = self.consecutive_failures.fetch_add(1, Ordering::AcqRel).saturating_add(1);
+        let failures = self
+            .consecutive_failures
+            .fetch_add(1, Ordering::AcqRel)
+            .saturating_add(1);
         if failures >= self.threshold {
             let next = self.now_ms() + self.cooldown_ms();
             if self.open_until_ms.swap(next, Ordering::AcqRel) == 0 {

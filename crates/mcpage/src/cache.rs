@@ -7,6 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use memcache::exp::{Arithmetic, Delete, Get, Meta, MutationStatus, Set, Ttl};
+use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Compiled, Config};
@@ -34,7 +35,14 @@ pub(crate) struct Inner {
     pub(crate) index_keys: IndexKeys,
     pub(crate) metrics: Metrics,
     writes: TaskTracker,
+    /// Bounds concurrent background writes (and so memcached connections).
+    write_slots: Arc<Semaphore>,
 }
+
+/// Background writes running at once; more wait for a slot.
+const MAX_CONCURRENT_WRITES: usize = 64;
+/// Writes waiting for a slot; beyond this a page is simply not cached.
+const MAX_QUEUED_WRITES: usize = 10_000;
 
 /// Counters since start; see [`Cache::stats`].
 #[derive(Debug, Default)]
@@ -136,7 +144,10 @@ impl Cache {
         );
         Ok(Cache {
             inner: Arc::new(Inner {
-                index_keys: IndexKeys::new(&config.cache.index_namespace, config.cache.index_shards),
+                index_keys: IndexKeys::new(
+                    &config.cache.index_namespace,
+                    config.cache.index_shards,
+                ),
                 config: config.clone(),
                 compiled,
                 keys,
@@ -144,6 +155,7 @@ impl Cache {
                 index,
                 metrics: Metrics::default(),
                 writes: TaskTracker::new(),
+                write_slots: Arc::new(Semaphore::new(MAX_CONCURRENT_WRITES)),
             }),
         })
     }
@@ -185,7 +197,11 @@ impl Cache {
         for pool in [&self.inner.pages, &self.inner.index] {
             for server in pool.servers() {
                 if !servers.iter().any(|(name, _, _)| name == &server.name) {
-                    servers.push((server.name.clone(), server.breaker.is_open(), server.breaker.opened_total()));
+                    servers.push((
+                        server.name.clone(),
+                        server.breaker.is_open(),
+                        server.breaker.opened_total(),
+                    ));
                 }
             }
         }
@@ -195,7 +211,10 @@ impl Cache {
             retracted: load(&m.retracted),
             misses: load(&m.misses),
             shared: load(&m.shared),
-            bypass: Bypass::ALL.iter().map(|b| (*b, load(&m.bypass[b.index()]))).collect(),
+            bypass: Bypass::ALL
+                .iter()
+                .map(|b| (*b, load(&m.bypass[b.index()])))
+                .collect(),
             invalidations: load(&m.invalidations),
             invalidation_errors: load(&m.invalidation_errors),
             pages_removed: load(&m.pages_removed),
@@ -213,7 +232,9 @@ impl Cache {
     pub(crate) async fn bump_clock(&self, mode: Mode, delta: u64) -> Result<u64> {
         let key = self.inner.index_keys.clock();
         let server = self.inner.index.route(&key);
-        let op = Arithmetic::new(&key).delta(delta).initial(now_micros(), CLOCK_TTL_SECS);
+        let op = Arithmetic::new(&key)
+            .delta(delta)
+            .initial(now_micros(), CLOCK_TTL_SECS);
         let result = server.run(mode, op).await?;
         result.value.ok_or_else(|| Error::Protocol {
             server: server.name.clone(),
@@ -223,13 +244,33 @@ impl Cache {
 
     /// Lifetime of index items and clocks: longer than any page they cover.
     pub(crate) fn index_ttl(&self) -> u32 {
-        self.inner.config.cache.ttl_secs.saturating_add(tags::INDEX_TTL_MARGIN_SECS)
+        self.inner
+            .config
+            .cache
+            .ttl_secs
+            .saturating_add(tags::INDEX_TTL_MARGIN_SECS)
     }
 
     /// Start the write path for a rendered page off the response path.
     pub(crate) fn spawn_write(&self, page: PageWrite) {
+        if self.inner.writes.len() >= MAX_QUEUED_WRITES {
+            let dropped = self
+                .inner
+                .metrics
+                .store_errors
+                .fetch_add(1, Ordering::Relaxed);
+            if dropped % 1000 == 0 {
+                tracing::warn!(
+                    "background write queue full ({MAX_QUEUED_WRITES}): pages not cached"
+                );
+            }
+            return;
+        }
         let cache = self.clone();
         self.inner.writes.spawn(async move {
+            let Ok(_slot) = Arc::clone(&cache.inner.write_slots).acquire_owned().await else {
+                return;
+            };
             match cache.write(&page).await {
                 Ok(Written::Stored) => {
                     cache.inner.metrics.stores.fetch_add(1, Ordering::Relaxed);
@@ -251,7 +292,9 @@ impl Cache {
         self.register(page).await?;
         let server = self.inner.pages.route(&page.key.value);
         let (body, flags) = self.encode_body(&page.body)?;
-        let set = Set::new(&page.key.key, body).client_flags(flags).ttl(Ttl::secs(page.ttl));
+        let set = Set::new(&page.key.key, body)
+            .client_flags(flags)
+            .ttl(Ttl::secs(page.ttl));
         let stored = server.run(Mode::FailFast, set).await?;
         if !stored.applied() {
             return Err(Error::Protocol {
@@ -270,7 +313,10 @@ impl Cache {
         let cache = &self.inner.config.cache;
         let (bytes, flags) = if cache.gzip {
             use std::io::Write;
-            let mut encoder = flate2::write::GzEncoder::new(Vec::with_capacity(body.len() / 3), flate2::Compression::fast());
+            let mut encoder = flate2::write::GzEncoder::new(
+                Vec::with_capacity(body.len() / 3),
+                flate2::Compression::fast(),
+            );
             encoder
                 .write_all(body)
                 .and_then(|()| encoder.finish())
@@ -303,7 +349,9 @@ impl Cache {
             .await
             .iter()
             .any(|result| match result {
-                Ok(r) if r.hit() => parse_clock(r.value.as_deref()).is_none_or(|tc| tc > page.clock),
+                Ok(r) if r.hit() => {
+                    parse_clock(r.value.as_deref()).is_none_or(|tc| tc > page.clock)
+                }
                 Ok(_) => false,
                 Err(_) => true,
             })
@@ -319,13 +367,20 @@ impl Cache {
         let max = self.inner.config.cache.index_shard_max_bytes;
         let ttl = self.index_ttl();
         let record = tags::record(&page.key.key);
-        let shards: Vec<Vec<u8>> = page.tags.iter().map(|tag| ik.shard_for(tag, &page.key.key)).collect();
+        let shards: Vec<Vec<u8>> = page
+            .tags
+            .iter()
+            .map(|tag| ik.shard_for(tag, &page.key.key))
+            .collect();
         // One round trip: size and compaction mark of every shard, extending
         // its life so it outlives the page about to be stored.
         let probes = shards
             .iter()
             .map(|k| {
-                let get = Get::new(k).without_value().meta(Meta::NONE.size()).touch(Ttl::secs(ttl));
+                let get = Get::new(k)
+                    .without_value()
+                    .meta(Meta::NONE.size())
+                    .touch(Ttl::secs(ttl));
                 (k.clone(), get)
             })
             .collect();
@@ -351,16 +406,50 @@ impl Cache {
             let append = Set::new(shard, &record).append().vivify_ttl(ttl);
             appends.push((shard.clone(), append));
         }
-        for result in self.inner.index.run_routed(Mode::FailFast, appends).await {
-            let result = result?;
-            if !result.applied() {
-                return Err(Error::Protocol {
-                    server: String::new(),
-                    message: format!("index append answered {:?}", result.status),
-                });
+        // memcached before 1.6.21 ignores autovivify on append (answers NS):
+        // create the missing items with `add`, and append again where another
+        // writer created one first. Never read-modify-write.
+        let mut pending = appends;
+        for _ in 0..3 {
+            let results = self
+                .inner
+                .index
+                .run_routed(Mode::FailFast, pending.clone())
+                .await;
+            let mut missing = Vec::new();
+            for ((shard, _), result) in pending.iter().zip(results) {
+                if !result?.applied() {
+                    missing.push((
+                        shard.clone(),
+                        Set::new(shard, &record).ttl(Ttl::secs(ttl)).add(),
+                    ));
+                }
+            }
+            if missing.is_empty() {
+                return Ok(());
+            }
+            let results = self
+                .inner
+                .index
+                .run_routed(Mode::FailFast, missing.clone())
+                .await;
+            pending = Vec::new();
+            for ((shard, _), result) in missing.iter().zip(results) {
+                if !result?.applied() {
+                    pending.push((
+                        shard.clone(),
+                        Set::new(shard, &record).append().vivify_ttl(ttl),
+                    ));
+                }
+            }
+            if pending.is_empty() {
+                return Ok(());
             }
         }
-        Ok(())
+        Err(Error::Protocol {
+            server: String::new(),
+            message: "index item kept appearing and disappearing during registration".to_owned(),
+        })
     }
 
     /// Remove duplicate records from a shard, CAS-guarded so a concurrent
@@ -368,21 +457,34 @@ impl Cache {
     async fn compact_shard(&self, shard: &[u8], record: &[u8], ttl: u32) -> Result<Compacted> {
         let server = self.inner.index.route(shard);
         for _ in 0..4 {
-            let current = server.run(Mode::FailFast, Get::new(shard).meta(Meta::NONE.cas())).await?;
+            let current = server
+                .run(Mode::FailFast, Get::new(shard).meta(Meta::NONE.cas()))
+                .await?;
             let (Some(value), Some(cas)) = (current.value.as_deref(), current.item.cas) else {
                 return Ok(Compacted::Size(0));
             };
             let compacted = tags::compact(value);
             let listed = tags::entries(&compacted).any(|e| e == &record[..record.len() - 1]);
             if compacted.len() == value.len() {
-                return Ok(if listed { Compacted::AlreadyListed } else { Compacted::Size(value.len()) });
+                return Ok(if listed {
+                    Compacted::AlreadyListed
+                } else {
+                    Compacted::Size(value.len())
+                });
             }
             let size = compacted.len();
             let flags = u32::try_from(size).unwrap_or(u32::MAX);
-            let set = Set::new(shard, compacted).client_flags(flags).ttl(Ttl::secs(ttl)).compare_cas(cas);
+            let set = Set::new(shard, compacted)
+                .client_flags(flags)
+                .ttl(Ttl::secs(ttl))
+                .compare_cas(cas);
             match server.run(Mode::FailFast, set).await?.status {
                 MutationStatus::Applied => {
-                    return Ok(if listed { Compacted::AlreadyListed } else { Compacted::Size(size) });
+                    return Ok(if listed {
+                        Compacted::AlreadyListed
+                    } else {
+                        Compacted::Size(size)
+                    });
                 }
                 MutationStatus::NotFound => return Ok(Compacted::Size(0)),
                 _ => continue,

@@ -125,7 +125,11 @@ impl ServerSpec {
                 Some(("weight", n)) => {
                     spec.weight = n.parse().map_err(|_| format!("bad weight `{n}`"))?;
                 }
-                _ => return Err(format!("unsupported server parameter `{word}` (only weight=N)")),
+                _ => {
+                    return Err(format!(
+                        "unsupported server parameter `{word}` (only weight=N)"
+                    ));
+                }
             }
         }
         Ok(spec)
@@ -331,7 +335,10 @@ impl Config {
         let figment = match path {
             Some(path) => {
                 if !path.exists() {
-                    return Err(Error::config("--config", format!("{} does not exist", path.display())));
+                    return Err(Error::config(
+                        "--config",
+                        format!("{} does not exist", path.display()),
+                    ));
                 }
                 Self::figment_from(path)
             }
@@ -349,38 +356,70 @@ impl Config {
 
     pub(crate) fn compile(&self) -> Result<Compiled> {
         check_servers("memcached.servers", &self.memcached.servers, false)?;
-        check_servers("memcached.index_servers", &self.memcached.index_servers, true)?;
+        check_servers(
+            "memcached.index_servers",
+            &self.memcached.index_servers,
+            true,
+        )?;
         if self.memcached.timeout_ms == 0 {
             return Err(Error::config("memcached.timeout_ms", "must be at least 1"));
         }
-        if self.keys.prefix.bytes().any(|b| b <= b' ' || b == b'"' || b == b'%' || b == 0x7f) {
+        if self
+            .keys
+            .prefix
+            .bytes()
+            .any(|b| b <= b' ' || b == b'"' || b == b'%' || b == 0x7f)
+        {
             return Err(Error::config(
                 "keys.prefix",
                 "must not contain spaces, control characters, '%' or '\"' (nginx would escape them)",
             ));
         }
         if self.cache.ttl_secs == 0 || self.cache.ttl_secs > 30 * 24 * 3600 {
-            return Err(Error::config("cache.ttl_secs", "must be 1..=2592000 (30 days)"));
+            return Err(Error::config(
+                "cache.ttl_secs",
+                "must be 1..=2592000 (30 days)",
+            ));
         }
-        if self.cache.gzip && (self.cache.gzip_flag == 0 || !self.cache.gzip_flag.is_power_of_two()) {
-            return Err(Error::config("cache.gzip_flag", "must be a single bit, e.g. 2"));
+        if self.cache.gzip && (self.cache.gzip_flag == 0 || !self.cache.gzip_flag.is_power_of_two())
+        {
+            return Err(Error::config(
+                "cache.gzip_flag",
+                "must be a single bit, e.g. 2",
+            ));
         }
         if self.cache.content_types.is_empty() {
-            return Err(Error::config("cache.content_types", "must name at least one type"));
+            return Err(Error::config(
+                "cache.content_types",
+                "must name at least one type",
+            ));
         }
         if self.cache.index_namespace.is_empty()
-            || self.cache.index_namespace.bytes().any(|b| b <= b' ' || b == b'%' || b == 0x7f)
+            || self
+                .cache
+                .index_namespace
+                .bytes()
+                .any(|b| b <= b' ' || b == b'%' || b == 0x7f)
         {
-            return Err(Error::config("cache.index_namespace", "must be non-empty, without spaces or '%'"));
+            return Err(Error::config(
+                "cache.index_namespace",
+                "must be non-empty, without spaces or '%'",
+            ));
         }
         if !(1..=1024).contains(&self.cache.index_shards) {
             return Err(Error::config("cache.index_shards", "must be 1..=1024"));
         }
         if !(1024..=512 * 1024).contains(&self.cache.index_shard_max_bytes) {
-            return Err(Error::config("cache.index_shard_max_bytes", "must be 1024..=524288"));
+            return Err(Error::config(
+                "cache.index_shard_max_bytes",
+                "must be 1024..=524288",
+            ));
         }
         if self.keys.host && self.cache.allowed_hosts.is_empty() {
-            return Err(Error::config("cache.allowed_hosts", "keys.host = true needs at least one allowed host"));
+            return Err(Error::config(
+                "cache.allowed_hosts",
+                "keys.host = true needs at least one allowed host",
+            ));
         }
         let allowed_hosts = self
             .cache
@@ -388,15 +427,21 @@ impl Config {
             .iter()
             .enumerate()
             .map(|(i, host)| {
-                crate::key::nginx_host(host.as_bytes())
-                    .ok_or_else(|| Error::config(format!("cache.allowed_hosts[{i}]"), "not a valid host name"))
+                crate::key::nginx_host(host.as_bytes()).ok_or_else(|| {
+                    Error::config(format!("cache.allowed_hosts[{i}]"), "not a valid host name")
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         check_nginx_size("nginx.buffer_size", &self.nginx.buffer_size)?;
         Ok(Compiled {
             include: compile_regexes("cache.include", &self.cache.include)?,
             exclude: compile_regexes("cache.exclude", &self.cache.exclude)?,
-            content_types: self.cache.content_types.iter().map(|t| t.trim().to_ascii_lowercase()).collect(),
+            content_types: self
+                .cache
+                .content_types
+                .iter()
+                .map(|t| t.trim().to_ascii_lowercase())
+                .collect(),
             session_cookies: self.cache.session_cookies.clone(),
             allowed_hosts,
         })
@@ -405,7 +450,9 @@ impl Config {
 
 /// `MCPAGE_SECTION__FIELD`; variables without `__` (say `MCPAGE_LOG`) are not config.
 fn env_provider() -> Env {
-    Env::prefixed("MCPAGE_").filter(|key| key.as_str().contains("__")).split("__")
+    Env::prefixed("MCPAGE_")
+        .filter(|key| key.as_str().contains("__"))
+        .split("__")
 }
 
 fn check_servers(field: &str, servers: &[ServerSpec], may_be_empty: bool) -> Result<()> {
@@ -416,12 +463,20 @@ fn check_servers(field: &str, servers: &[ServerSpec], may_be_empty: bool) -> Res
         let field = format!("{field}[{i}]");
         let address = &server.address;
         if address.starts_with("unix:") {
-            return Err(Error::config(field, "unix sockets are not supported; use host:port"));
+            return Err(Error::config(
+                field,
+                "unix sockets are not supported; use host:port",
+            ));
         }
         match address.rsplit_once(':') {
             Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
             // nginx would hash an empty port but connect to 80: always write the port.
-            _ => return Err(Error::config(field, format!("`{address}` must be host:port"))),
+            _ => {
+                return Err(Error::config(
+                    field,
+                    format!("`{address}` must be host:port"),
+                ));
+            }
         }
         if !(1..=1000).contains(&server.weight) {
             // 160 ring points per unit of weight: keep the ring a sane size.
@@ -433,8 +488,14 @@ fn check_servers(field: &str, servers: &[ServerSpec], may_be_empty: bool) -> Res
 
 fn check_nginx_size(field: &str, size: &str) -> Result<()> {
     let digits = size.trim_end_matches(['k', 'K', 'm', 'M']);
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) || size.len() - digits.len() > 1 {
-        return Err(Error::config(field, format!("`{size}` is not an nginx size such as 64k")));
+    if digits.is_empty()
+        || !digits.bytes().all(|b| b.is_ascii_digit())
+        || size.len() - digits.len() > 1
+    {
+        return Err(Error::config(
+            field,
+            format!("`{size}` is not an nginx size such as 64k"),
+        ));
     }
     Ok(())
 }
@@ -536,13 +597,22 @@ mod tests {
     fn unknown_hashing_and_fields_are_rejected() {
         Jail::expect_with(|jail| {
             jail.create_file("mcpage.toml", "[memcached]\nhashing = \"ketama\"\n")?;
-            let err = Config::figment().extract::<Config>().expect_err("unknown hashing");
+            let err = Config::figment()
+                .extract::<Config>()
+                .expect_err("unknown hashing");
             assert!(err.to_string().contains("ketama"), "{err}");
             jail.create_file("mcpage.toml", "[cache]\nttl = 5\n")?;
-            let err = Config::figment().extract::<Config>().expect_err("unknown field");
+            let err = Config::figment()
+                .extract::<Config>()
+                .expect_err("unknown field");
             assert!(err.to_string().contains("ttl"), "{err}");
-            jail.create_file("mcpage.toml", "[memcached]\nservers = [\"127.0.0.1:11211 max_fails=3\"]\n")?;
-            let err = Config::figment().extract::<Config>().expect_err("unsupported parameter");
+            jail.create_file(
+                "mcpage.toml",
+                "[memcached]\nservers = [\"127.0.0.1:11211 max_fails=3\"]\n",
+            )?;
+            let err = Config::figment()
+                .extract::<Config>()
+                .expect_err("unsupported parameter");
             assert!(err.to_string().contains("max_fails"), "{err}");
             Ok(())
         });

@@ -45,7 +45,9 @@ pub enum Error {
         server: String,
     },
     /// Invalidation could not be completed; some pages may still be cached.
-    #[error("invalidation incomplete: {failed} of {attempted} memcached operations failed (first: {first})")]
+    #[error(
+        "invalidation incomplete: {failed} of {attempted} memcached operations failed (first: {first})"
+    )]
     Incomplete {
         /// Operations that were attempted.
         attempted: usize,

@@ -129,7 +129,9 @@ impl Invalidator {
         match &result {
             Ok(removed) => {
                 metrics.invalidations.fetch_add(1, Ordering::Relaxed);
-                metrics.pages_removed.fetch_add(removed.pages as u64, Ordering::Relaxed);
+                metrics
+                    .pages_removed
+                    .fetch_add(removed.pages as u64, Ordering::Relaxed);
             }
             Err(_) => {
                 metrics.invalidation_errors.fetch_add(1, Ordering::Relaxed);
@@ -168,8 +170,13 @@ impl Invalidator {
             .collect();
         let mut pages_by_tag: Vec<HashSet<Vec<u8>>> = vec![HashSet::new(); tags.len()];
         let mut shards: Vec<(Vec<u8>, u64, Vec<Vec<u8>>)> = Vec::new();
-        for ((t, key), result) in shard_keys.into_iter().zip(inner.index.run_routed(Mode::Always, reads).await) {
-            let Some(result) = failures.check(result) else { continue };
+        for ((t, key), result) in shard_keys
+            .into_iter()
+            .zip(inner.index.run_routed(Mode::Always, reads).await)
+        {
+            let Some(result) = failures.check(result) else {
+                continue;
+            };
             if let (Some(value), Some(cas)) = (result.value, result.item.cas) {
                 let listed: Vec<Vec<u8>> = tags::entries(&value).map(<[u8]>::to_vec).collect();
                 pages_by_tag[t].extend(listed.iter().cloned());
@@ -182,7 +189,15 @@ impl Invalidator {
         let by_item = tags
             .iter()
             .zip(&pages_by_tag)
-            .map(|(tag, pages)| (tag.clone(), pages.iter().filter(|p| deleted.removed.contains(*p)).count()))
+            .map(|(tag, pages)| {
+                (
+                    tag.clone(),
+                    pages
+                        .iter()
+                        .filter(|p| deleted.removed.contains(*p))
+                        .count(),
+                )
+            })
             .collect();
 
         // Forget the records whose pages are confirmed gone; CAS-guarded so a
@@ -208,7 +223,9 @@ impl Invalidator {
             let key = self
                 .cache
                 .page_key(host.map(str::as_bytes), target.as_bytes())
-                .map_err(|skip| Error::Invalid(format!("`{url}` has no cache key ({})", skip.reason())))?;
+                .map_err(|skip| {
+                    Error::Invalid(format!("`{url}` has no cache key ({})", skip.reason()))
+                })?;
             page_keys.push(key.key);
         }
         let ik = &self.cache.inner.index_keys;
@@ -221,7 +238,9 @@ impl Invalidator {
         if failures.failed > 0 {
             return failures.finish(Removed::default());
         }
-        let deleted = self.delete_pages(page_keys.iter().cloned().collect(), &mut failures).await;
+        let deleted = self
+            .delete_pages(page_keys.iter().cloned().collect(), &mut failures)
+            .await;
         let by_item = urls
             .iter()
             .zip(&page_keys)
@@ -237,7 +256,10 @@ impl Invalidator {
         let inner = &self.cache.inner;
         let clock = self.cache.bump_clock(Mode::Always, 1).await?;
         let mut failures = Failures::default();
-        for result in self.raise_clocks(&[inner.index_keys.purge_clock()], clock).await {
+        for result in self
+            .raise_clocks(&[inner.index_keys.purge_clock()], clock)
+            .await
+        {
             failures.check(result);
         }
         if failures.failed > 0 {
@@ -248,15 +270,20 @@ impl Invalidator {
         let namespace = inner.index_keys.namespace().as_bytes();
         let mut removed = 0;
         for (index, server) in inner.pages.servers().iter().enumerate() {
-            let Some(lines) = failures.check(server.text_command("lru_crawler metadump all", METADUMP_DEADLINE).await)
-            else {
+            let Some(lines) = failures.check(
+                server
+                    .text_command("lru_crawler metadump all", METADUMP_DEADLINE)
+                    .await,
+            ) else {
                 continue;
             };
             let doomed: Vec<(usize, Delete)> = lines
                 .iter()
                 .filter_map(|line| metadump_key(line))
                 .filter(|key| !key.starts_with(namespace))
-                .filter(|key| memcached_unescape(key).is_some_and(|value| value.starts_with(&wanted)))
+                .filter(|key| {
+                    memcached_unescape(key).is_some_and(|value| value.starts_with(&wanted))
+                })
                 .map(|key| (index, Delete::new(key)))
                 .collect();
             for result in inner.pages.run_on(Mode::Always, doomed).await {
@@ -287,7 +314,10 @@ impl Invalidator {
                 message: "tag clock kept changing under concurrent invalidations".to_owned(),
             });
             for _ in 0..16 {
-                let current = match server.run(Mode::Always, Get::new(key).meta(Meta::NONE.cas())).await {
+                let current = match server
+                    .run(Mode::Always, Get::new(key).meta(Meta::NONE.cas()))
+                    .await
+                {
                     Ok(current) => current,
                     Err(error) => {
                         outcome = Err(error);
@@ -296,7 +326,9 @@ impl Invalidator {
                 };
                 let set = match (&current.value, current.item.cas) {
                     (Some(old), Some(cas)) => {
-                        let old = std::str::from_utf8(old).ok().and_then(|v| v.parse::<u64>().ok());
+                        let old = std::str::from_utf8(old)
+                            .ok()
+                            .and_then(|v| v.parse::<u64>().ok());
                         if old.is_some_and(|old| old >= clock) {
                             outcome = Ok(());
                             break;
@@ -333,7 +365,10 @@ impl Invalidator {
             })
             .collect();
         let mut deleted = Deleted::default();
-        for (key, result) in keys.into_iter().zip(self.cache.inner.pages.run_routed(Mode::Always, ops).await) {
+        for (key, result) in keys
+            .into_iter()
+            .zip(self.cache.inner.pages.run_routed(Mode::Always, ops).await)
+        {
             if let Some(result) = failures.check(result) {
                 if result.status == MutationStatus::Applied {
                     deleted.removed.insert(key.clone());
@@ -349,15 +384,21 @@ impl Invalidator {
     async fn clear_shard(&self, shard: &[u8], mut cas: u64, failures: &mut Failures) {
         let server = self.cache.inner.index.route(shard);
         for _ in 0..SHARD_CLEAR_ROUNDS {
-            let Some(result) = failures.check(server.run(Mode::Always, Delete::new(shard).compare_cas(cas)).await)
-            else {
+            let Some(result) = failures.check(
+                server
+                    .run(Mode::Always, Delete::new(shard).compare_cas(cas))
+                    .await,
+            ) else {
                 return;
             };
             if result.status != MutationStatus::CasMismatch {
                 return;
             }
-            let Some(current) = failures.check(server.run(Mode::Always, Get::new(shard).meta(Meta::NONE.cas())).await)
-            else {
+            let Some(current) = failures.check(
+                server
+                    .run(Mode::Always, Get::new(shard).meta(Meta::NONE.cas()))
+                    .await,
+            ) else {
                 return;
             };
             let (Some(value), Some(new_cas)) = (current.value, current.item.cas) else {
@@ -425,7 +466,10 @@ fn percent_decode(encoded: &[u8]) -> Option<Vec<u8>> {
 impl Removed {
     /// The count for one tag, URL or prefix.
     pub fn count_for(&self, item: &str) -> usize {
-        self.by_item.iter().find(|(name, _)| name == item).map_or(0, |(_, n)| *n)
+        self.by_item
+            .iter()
+            .find(|(name, _)| name == item)
+            .map_or(0, |(_, n)| *n)
     }
 }
 
@@ -439,7 +483,10 @@ mod tests {
             metadump_key(b"key=%2Fcaf%C3%A9 exp=-1 la=1 cas=2 fetch=no cls=1 size=70"),
             Some(b"/caf\xc3\xa9".to_vec())
         );
-        assert_eq!(metadump_key(b"key=%2Fx%2520y exp=1"), Some(b"/x%20y".to_vec()));
+        assert_eq!(
+            metadump_key(b"key=%2Fx%2520y exp=1"),
+            Some(b"/x%20y".to_vec())
+        );
         assert_eq!(metadump_key(b"END"), None);
         assert_eq!(metadump_key(b"key=%2 exp"), None);
     }
@@ -447,13 +494,19 @@ mod tests {
     #[test]
     fn url_splitting() {
         assert_eq!(split_url("/a//b"), (None, "/a//b"));
-        assert_eq!(split_url("http://example.com/x?y"), (Some("example.com"), "/x?y"));
+        assert_eq!(
+            split_url("http://example.com/x?y"),
+            (Some("example.com"), "/x?y")
+        );
         assert_eq!(split_url("https://example.com"), (Some("example.com"), "/"));
     }
 
     #[test]
     fn unique_sorts_and_drops_empty() {
         let items = ["b", "a", "", "b"].map(String::from);
-        assert_eq!(unique(items.into_iter()), vec!["a".to_owned(), "b".to_owned()]);
+        assert_eq!(
+            unique(items.into_iter()),
+            vec!["a".to_owned(), "b".to_owned()]
+        );
     }
 }

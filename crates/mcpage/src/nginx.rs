@@ -3,7 +3,7 @@
 //! [`render_nginx_config`] gives the `http {}`-level include (upstreams, the
 //! bypass maps, the log format and the server block); [`render_nginx_full`]
 //! wraps it into a complete `nginx.conf` that keeps every file under one
-//! directory (tests, `mcpage nginx --full`).
+//! directory (tests, local runs).
 //!
 //! What the rendered server does (reference/nginx-memcached.md §3, §4, §8):
 //!
@@ -13,10 +13,13 @@
 //!   memcached is asked (`$mcpage_bypass`, see below): any method but GET/HEAD
 //!   (nginx would answer them 405), a session cookie, an `Authorization`
 //!   header, a query string (query mode `bypass`), a host that is not allowed
-//!   (host mode). They are sent with `return 418` to `error_page 418 =
+//!   (host mode), an escaped key longer than memcached's 250 bytes (the layer
+//!   never stores one; asking for it would make memcached answer
+//!   `CLIENT_ERROR` and nginx take that server out of the ring for
+//!   `fail_timeout`). They are sent with `return 418` to `error_page 418 =
 //!   @mcpage_app`, which keeps the method and the request body.
-//! - A miss (404), an invalid answer such as a key over 250 bytes (502), and a
-//!   memcached timeout (504) fall back to `@mcpage_app`.
+//! - A miss (404), memcached down or an invalid answer (502), and a memcached
+//!   timeout (504) fall back to `@mcpage_app`.
 //! - Hits carry `X-Cache: HIT`, `default_type` (the first cached content type)
 //!   with `charset`; responses from the app pass through unchanged (including
 //!   their own `X-Cache`).
@@ -35,10 +38,11 @@
 //! - `HIT`: served from memcached;
 //! - `MISS`: memcached said "not found", the app answered;
 //! - `BYPASS`: sent to the app without asking memcached; `bypass=` names why
-//!   (`method`, `cookie`, `authorization`, `query`, `host`);
-//! - `ERROR`: memcached failed (refused, timeout, invalid answer such as an
-//!   over-long key), the app answered;
-//! - `ADMIN`: a `/_mcpage/` request;
+//!   (`method`, `cookie`, `authorization`, `query`, `host`, `long_key`);
+//! - `ERROR`: memcached failed (refused, timeout, invalid answer), the app
+//!   answered;
+//! - `ADMIN`: a `/_mcpage/` request (`bypass=` then shows the rule that would
+//!   have applied, e.g. `method` for a POST);
 //! - `-`: anything else (a 400 before any location, say).
 //!
 //! `grep ' cache=MISS '` finds the misses; `upstream_status` shows both hops
@@ -157,7 +161,11 @@ fn render_upstreams(out: &mut String, config: &Config) {
         if server.weight == 1 {
             let _ = writeln!(out, "    server {};", server.address);
         } else {
-            let _ = writeln!(out, "    server {} weight={};", server.address, server.weight);
+            let _ = writeln!(
+                out,
+                "    server {} weight={};",
+                server.address, server.weight
+            );
         }
     }
     // After the balancing method, as nginx requires.
@@ -204,7 +212,9 @@ fn render_bypass_maps(out: &mut String, config: &Config) {
 
     if config.keys.query == QueryMode::Bypass {
         // `$args` is empty for `/a?`, which the layer does not cache either: look for the raw `?`.
-        out.push_str("map $request_uri $mcpage_bypass_query {\n    default 0;\n    \"~\\?\" 1;\n}\n\n");
+        out.push_str(
+            "map $request_uri $mcpage_bypass_query {\n    default 0;\n    \"~\\?\" 1;\n}\n\n",
+        );
         rules.push(("$mcpage_bypass_query", "query"));
     }
 
@@ -217,12 +227,27 @@ fn render_bypass_maps(out: &mut String, config: &Config) {
         rules.push(("$mcpage_bypass_host", "host"));
     }
 
+    // A key memcached refuses (`CLIENT_ERROR`, 502) would also make nginx count
+    // a failure against that server and skip it for `fail_timeout` (10 s): one
+    // long URL from any client would move a whole server's pages. The layer
+    // never stores such keys, so nginx does not ask for them.
+    let _ = writeln!(
+        out,
+        "# The escaped key would exceed memcached's {MAX_KEY_LEN} bytes: never cached, never asked.\n\
+         map $memcached_key $mcpage_bypass_long_key {{\n    default 0;\n    \"~{}\" 1;\n}}\n",
+        long_key_regex()
+    );
+    rules.push(("$mcpage_bypass_long_key", "long_key"));
+
     let source: String = rules.iter().map(|(var, _)| *var).collect();
     let _ = writeln!(out, "map \"{source}\" $mcpage_bypass {{\n    default \"\";");
     for (i, (_, reason)) in rules.iter().enumerate() {
         let _ = writeln!(out, "    \"~^{}1\" {reason};", ".".repeat(i));
     }
     out.push_str("}\n\n");
+    out.push_str(
+        "map $mcpage_bypass $mcpage_bypass_log {\n    \"\" -;\n    default $mcpage_bypass;\n}\n\n",
+    );
 
     // For the log: what happened to the request (see the module docs).
     out.push_str(
@@ -239,7 +264,7 @@ fn render_bypass_maps(out: &mut String, config: &Config) {
 fn render_log_format(out: &mut String) {
     out.push_str(
         "log_format mcpage '$remote_addr [$time_local] \"$request\" $status $body_bytes_sent '\n    \
-         'cache=$mcpage_cache bypass=$mcpage_bypass upstream=$upstream_addr '\n    \
+         'cache=$mcpage_cache bypass=$mcpage_bypass_log upstream=$upstream_addr '\n    \
          'upstream_status=$upstream_status rt=$request_time urt=$upstream_response_time '\n    \
          '\"$http_user_agent\"';\n\n",
     );
@@ -260,39 +285,61 @@ fn render_server(out: &mut String, config: &Config) {
 
     let mut content_types: Vec<String> = Vec::new();
     for media_type in &config.cache.content_types {
-        let media_type = media_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+        let media_type = media_type
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
         if !media_type.is_empty() && !content_types.contains(&media_type) {
             content_types.push(media_type);
         }
     }
     let default_type = content_types.first().map_or("text/html", String::as_str);
     // nginx always adds `charset` to text/html (naming it again is a warning).
-    let charset_types: Vec<String> =
-        content_types.iter().filter(|t| *t != "text/html").map(|t| quote(t)).collect();
+    let charset_types: Vec<String> = content_types
+        .iter()
+        .filter(|t| *t != "text/html")
+        .map(|t| quote(t))
+        .collect();
 
     out.push_str("server {\n");
     let _ = writeln!(out, "    listen {};", config.nginx.listen);
     let _ = writeln!(
         out,
         "    merge_slashes {};",
-        if config.keys.merge_slashes { "on" } else { "off" }
+        if config.keys.merge_slashes {
+            "on"
+        } else {
+            "off"
+        }
     );
-    out.push_str("    set $mcpage_route \"\";\n\n");
+    // Defaults for every request, so the log never reads an unset variable.
+    out.push_str("    set $mcpage_route \"\";\n    set $memcached_key \"\";\n\n");
 
     out.push_str("    location / {\n");
     out.push_str("        set $mcpage_route cache;\n");
+    // Before the bypass check: `$mcpage_bypass_long_key` reads it.
+    let _ = writeln!(out, "        set $memcached_key {key};");
     out.push_str("        error_page 418 = @mcpage_app;\n");
     out.push_str("        if ($mcpage_bypass) {\n            return 418;\n        }\n");
-    let _ = writeln!(out, "        set $memcached_key {key};");
     let _ = writeln!(out, "        memcached_pass {MEMCACHED_UPSTREAM};");
-    let _ = writeln!(out, "        memcached_buffer_size {};", config.nginx.buffer_size);
+    let _ = writeln!(
+        out,
+        "        memcached_buffer_size {};",
+        config.nginx.buffer_size
+    );
     for which in ["connect", "send", "read"] {
         let _ = writeln!(out, "        memcached_{which}_timeout {timeout};");
     }
     // Not `not_found`: on a ring that would ask a second server on every miss.
     out.push_str("        memcached_next_upstream error timeout;\n");
     if config.cache.gzip {
-        let _ = writeln!(out, "        memcached_gzip_flag {};", config.cache.gzip_flag);
+        let _ = writeln!(
+            out,
+            "        memcached_gzip_flag {};",
+            config.cache.gzip_flag
+        );
         out.push_str("        gunzip on;\n        gzip_vary on;\n");
     }
     let _ = writeln!(out, "        default_type {};", quote(default_type));
@@ -355,6 +402,31 @@ fn memcached_key(config: &Config) -> (String, bool) {
     }
     key.push('"');
     (key, needs_dollar)
+}
+
+/// memcached's `KEY_MAX_LENGTH`.
+const MAX_KEY_LEN: usize = 250;
+
+/// A PCRE (byte mode, as nginx compiles it) matching exactly the values `V`
+/// whose escaped key `K` is longer than [`MAX_KEY_LEN`]: `len(K) = n + 2e`
+/// for `n` bytes of which `e` are escaped by nginx (0x00-0x20 and `%`).
+///
+/// Nested: "at least `j` escapes, and `n >= 251 - 2j`, or at least `j + 1`
+/// escapes and ...", down to 84 escapes (which with `n >= 84` always exceed
+/// the limit). `(?1)` skips to the next escaped byte; values shorter than 84
+/// bytes (at most 249 escaped) fail at the first check. The pattern has to
+/// stay under nginx's 4096-byte limit for one configuration token.
+fn long_key_regex() -> String {
+    let limit = MAX_KEY_LEN + 1;
+    // Escapes needed for a value of the shortest possible length to exceed the limit.
+    let max_escapes = limit.div_ceil(3);
+    let mut regex = format!("(?s)^(?=.{{{max_escapes}}})");
+    for j in 0..max_escapes {
+        let _ = write!(regex, "(?:(?=.{{{}}})|(?=(?1){{{}}})", limit - 2 * j, j + 1);
+    }
+    regex.push_str(&")".repeat(max_escapes));
+    regex.push_str("(?(DEFINE)([^\\x00-\\x20%]*+[\\x00-\\x20%]))");
+    regex
 }
 
 /// A double-quoted nginx string (no variables are expected in it).
@@ -510,11 +582,13 @@ mod tests {
             "\"~(?:^|;)\\s*(?:sessionid)\\s*(?:=|;|$)\" 1;",
             "map $http_authorization $mcpage_bypass_authorization {",
             "map $request_uri $mcpage_bypass_query {",
-            "map \"$mcpage_bypass_method$mcpage_bypass_cookie$mcpage_bypass_authorization$mcpage_bypass_query\" $mcpage_bypass {",
+            "map \"$mcpage_bypass_method$mcpage_bypass_cookie$mcpage_bypass_authorization$mcpage_bypass_query$mcpage_bypass_long_key\" $mcpage_bypass {",
             "\"~^1\" method;",
             "\"~^.1\" cookie;",
             "\"~^..1\" authorization;",
             "\"~^...1\" query;",
+            "\"~^....1\" long_key;",
+            "map $memcached_key $mcpage_bypass_long_key {",
             "log_format mcpage '$remote_addr [$time_local] \"$request\" $status $body_bytes_sent '",
         ] {
             assert_has(&text, line);
@@ -530,10 +604,10 @@ mod tests {
         ] {
             assert_lacks(&text, needle);
         }
-        // The bypass check runs before the key is set (the log relies on it).
+        // The key is set before the bypass check (the long-key map reads it).
         let bypass = text.find("return 418;").expect("bypass");
         let key = text.find("set $memcached_key").expect("key");
-        assert!(bypass < key);
+        assert!(key < bypass);
     }
 
     #[test]
@@ -554,7 +628,10 @@ mod tests {
         let c = text.find("11213").expect("c");
         assert!(a < b && b < c);
         // keepalive after the balancing method
-        assert!(text.find("hash $memcached_key").expect("hash") < text.find("keepalive 512").expect("ka"));
+        assert!(
+            text.find("hash $memcached_key").expect("hash")
+                < text.find("keepalive 512").expect("ka")
+        );
     }
 
     #[test]
@@ -564,7 +641,7 @@ mod tests {
         assert_lacks(&text, "$mcpage_bypass_query");
         assert_has(
             &text,
-            "map \"$mcpage_bypass_method$mcpage_bypass_cookie$mcpage_bypass_authorization\" $mcpage_bypass {",
+            "map \"$mcpage_bypass_method$mcpage_bypass_cookie$mcpage_bypass_authorization$mcpage_bypass_long_key\" $mcpage_bypass {",
         );
     }
 
@@ -604,6 +681,23 @@ mod tests {
         ] {
             assert_has(&text, line);
         }
+    }
+
+    #[test]
+    fn long_key_regex_shape() {
+        let regex = long_key_regex();
+        // nginx refuses configuration tokens of 4096 bytes and more.
+        assert!(regex.len() < 4000, "{} bytes", regex.len());
+        assert!(
+            regex.starts_with("(?s)^(?=.{84})(?:(?=.{251})|(?=(?1){1})(?:(?=.{249})|"),
+            "{regex}"
+        );
+        assert!(regex.contains("(?:(?=.{85})|(?=(?1){84})))"), "{regex}");
+        assert!(
+            regex.ends_with(")(?(DEFINE)([^\\x00-\\x20%]*+[\\x00-\\x20%]))"),
+            "{regex}"
+        );
+        assert_eq!(regex.matches('(').count(), regex.matches(')').count());
     }
 
     #[test]
@@ -653,7 +747,10 @@ mod tests {
             let nanos = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos());
-            let dir = std::env::temp_dir().join(format!("mcpage-nginx-t-{name}-{}-{nanos}", std::process::id()));
+            let dir = std::env::temp_dir().join(format!(
+                "mcpage-nginx-t-{name}-{}-{nanos}",
+                std::process::id()
+            ));
             std::fs::create_dir_all(&dir).expect("create temp dir");
             TempDir(dir)
         }
@@ -689,9 +786,14 @@ mod tests {
                     )
                 });
             let stderr = String::from_utf8_lossy(&output.stderr);
-            assert!(output.status.success(), "{name}: nginx -t failed:\n{stderr}\n--- config:\n{text}");
             assert!(
-                !stderr.contains("[warn]") && !stderr.contains("[emerg]") && !stderr.contains("[alert]"),
+                output.status.success(),
+                "{name}: nginx -t failed:\n{stderr}\n--- config:\n{text}"
+            );
+            assert!(
+                !stderr.contains("[warn]")
+                    && !stderr.contains("[emerg]")
+                    && !stderr.contains("[alert]"),
                 "{name}: nginx -t complained:\n{stderr}\n--- config:\n{text}"
             );
         }

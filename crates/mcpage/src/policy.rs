@@ -6,7 +6,9 @@
 
 use std::fmt;
 
-use http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_TYPE, COOKIE, SET_COOKIE, VARY};
+use http::header::{
+    AUTHORIZATION, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_TYPE, COOKIE, SET_COOKIE, VARY,
+};
 use http::{HeaderMap, Method, StatusCode};
 
 use crate::config::Compiled;
@@ -125,7 +127,11 @@ impl From<crate::key::KeySkip> for Bypass {
 }
 
 /// Request headers and method: anonymous GET only.
-pub(crate) fn check_request(compiled: &Compiled, method: &Method, headers: &HeaderMap) -> Result<(), Bypass> {
+pub(crate) fn check_request(
+    compiled: &Compiled,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Result<(), Bypass> {
     if method != Method::GET {
         return Err(Bypass::Method);
     }
@@ -145,7 +151,11 @@ pub(crate) fn has_session_cookie(names: &[String], headers: &HeaderMap) -> bool 
     }
     headers.get_all(COOKIE).iter().any(|value| {
         value.as_bytes().split(|b| *b == b';').any(|pair| {
-            let name = pair.split(|b| *b == b'=').next().unwrap_or_default().trim_ascii();
+            let name = pair
+                .split(|b| *b == b'=')
+                .next()
+                .unwrap_or_default()
+                .trim_ascii();
             names.iter().any(|n| n.as_bytes() == name)
         })
     })
@@ -180,7 +190,13 @@ pub(crate) fn check_response(
     let media_type = headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or_default().trim().to_ascii_lowercase())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        })
         .ok_or(Bypass::ContentType)?;
     if !compiled.content_types.contains(&media_type) {
         return Err(Bypass::ContentType);
@@ -263,16 +279,32 @@ mod tests {
             (&[("cookie", "_ga=GA1.2.3; theme=dark")], Ok(())),
             (&[("cookie", "sessionid=abc")], Err(Bypass::Session)),
             (&[("cookie", "a=1; sessionid=abc")], Err(Bypass::Session)),
-            (&[("cookie", "a=1"), ("cookie", "remember_me=1")], Err(Bypass::Session)),
+            (
+                &[("cookie", "a=1"), ("cookie", "remember_me=1")],
+                Err(Bypass::Session),
+            ),
             (&[("cookie", "xsessionid=1; q=sessionid")], Ok(())),
             (&[("cookie", "sessionid")], Err(Bypass::Session)),
-            (&[("authorization", "Basic eDp5")], Err(Bypass::Authorization)),
+            (
+                &[("authorization", "Basic eDp5")],
+                Err(Bypass::Authorization),
+            ),
         ];
         for (pairs, expected) in table {
-            assert_eq!(check_request(&c, &Method::GET, &headers(pairs)), *expected, "{pairs:?}");
+            assert_eq!(
+                check_request(&c, &Method::GET, &headers(pairs)),
+                *expected,
+                "{pairs:?}"
+            );
         }
-        assert_eq!(check_request(&c, &Method::HEAD, &HeaderMap::new()), Err(Bypass::Method));
-        assert_eq!(check_request(&c, &Method::POST, &HeaderMap::new()), Err(Bypass::Method));
+        assert_eq!(
+            check_request(&c, &Method::HEAD, &HeaderMap::new()),
+            Err(Bypass::Method)
+        );
+        assert_eq!(
+            check_request(&c, &Method::POST, &HeaderMap::new()),
+            Err(Bypass::Method)
+        );
     }
 
     #[test]
@@ -295,23 +327,59 @@ mod tests {
             (404, &[html], Err(Bypass::Status)),
             (301, &[html], Err(Bypass::Status)),
             (200, &[], Err(Bypass::ContentType)),
-            (200, &[("content-type", "application/json")], Err(Bypass::ContentType)),
+            (
+                200,
+                &[("content-type", "application/json")],
+                Err(Bypass::ContentType),
+            ),
             (200, &[html, ("set-cookie", "a=1")], Err(Bypass::SetCookie)),
-            (200, &[html, ("cache-control", "private")], Err(Bypass::CacheControl)),
-            (200, &[html, ("cache-control", "public, no-store")], Err(Bypass::CacheControl)),
-            (200, &[html, ("cache-control", "No-Cache")], Err(Bypass::CacheControl)),
+            (
+                200,
+                &[html, ("cache-control", "private")],
+                Err(Bypass::CacheControl),
+            ),
+            (
+                200,
+                &[html, ("cache-control", "public, no-store")],
+                Err(Bypass::CacheControl),
+            ),
+            (
+                200,
+                &[html, ("cache-control", "No-Cache")],
+                Err(Bypass::CacheControl),
+            ),
             (200, &[html, ("cache-control", "max-age=60")], Ok(60)),
-            (200, &[html, ("cache-control", "max-age=0")], Err(Bypass::CacheControl)),
-            (200, &[html, ("cache-control", "max-age=60, s-maxage=600")], Ok(600)),
+            (
+                200,
+                &[html, ("cache-control", "max-age=0")],
+                Err(Bypass::CacheControl),
+            ),
+            (
+                200,
+                &[html, ("cache-control", "max-age=60, s-maxage=600")],
+                Ok(600),
+            ),
             (200, &[html, ("cache-control", "max-age=99999")], Ok(3600)),
             (200, &[html, ("vary", "Accept-Encoding")], Ok(3600)),
-            (200, &[html, ("vary", "accept-encoding, Cookie")], Err(Bypass::Vary)),
+            (
+                200,
+                &[html, ("vary", "accept-encoding, Cookie")],
+                Err(Bypass::Vary),
+            ),
             (200, &[html, ("vary", "*")], Err(Bypass::Vary)),
-            (200, &[html, ("content-encoding", "gzip")], Err(Bypass::ContentEncoding)),
+            (
+                200,
+                &[html, ("content-encoding", "gzip")],
+                Err(Bypass::ContentEncoding),
+            ),
         ];
         for (status, pairs, expected) in table {
             let status = StatusCode::from_u16(*status).expect("status");
-            assert_eq!(check_response(&c, 3600, status, &headers(pairs)), *expected, "{status} {pairs:?}");
+            assert_eq!(
+                check_response(&c, 3600, status, &headers(pairs)),
+                *expected,
+                "{status} {pairs:?}"
+            );
         }
     }
 

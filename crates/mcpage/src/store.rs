@@ -28,7 +28,9 @@ pub(crate) struct Server {
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Server").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("Server")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -43,7 +45,10 @@ pub(crate) enum Mode {
 /// Errors that say the server (not the request) is unwell.
 fn is_server_failure(error: &memcache::exp::Error) -> bool {
     use memcache::exp::Error as E;
-    matches!(error, E::Io(_) | E::Timeout { .. } | E::Ambiguous { .. } | E::Protocol(_))
+    matches!(
+        error,
+        E::Io(_) | E::Timeout { .. } | E::Ambiguous { .. } | E::Protocol(_)
+    )
 }
 
 impl Server {
@@ -81,7 +86,11 @@ impl Server {
     }
 
     /// Run operations pipelined on this server; one result per operation, in order.
-    pub(crate) async fn run_many<O: Operation>(&self, mode: Mode, operations: Vec<O>) -> Vec<Result<O::Output>> {
+    pub(crate) async fn run_many<O: Operation>(
+        &self,
+        mode: Mode,
+        operations: Vec<O>,
+    ) -> Vec<Result<O::Output>> {
         if operations.is_empty() {
             return Vec::new();
         }
@@ -121,7 +130,11 @@ impl Server {
     /// Raw text command over a fresh connection, for what the meta client
     /// does not speak (`stats`, `lru_crawler metadump`). Returns the lines up to
     /// the terminator line (`END`), without it.
-    pub(crate) async fn text_command(&self, command: &str, deadline: Duration) -> Result<Vec<Vec<u8>>> {
+    pub(crate) async fn text_command(
+        &self,
+        command: &str,
+        deadline: Duration,
+    ) -> Result<Vec<Vec<u8>>> {
         let io = |e: std::io::Error| self.error(memcache::exp::Error::Io(e));
         let exchange = async {
             let mut stream = TcpStream::connect(&self.name).await.map_err(io)?;
@@ -184,7 +197,11 @@ pub(crate) struct Pool {
 }
 
 impl Pool {
-    pub(crate) async fn connect(specs: &[ServerSpec], hashing: Hashing, config: &MemcachedConfig) -> Result<Pool> {
+    pub(crate) async fn connect(
+        specs: &[ServerSpec],
+        hashing: Hashing,
+        config: &MemcachedConfig,
+    ) -> Result<Pool> {
         let timeout = Duration::from_millis(config.timeout_ms);
         let mut servers = Vec::with_capacity(specs.len());
         for spec in specs {
@@ -201,11 +218,17 @@ impl Pool {
             servers.push(Server {
                 name: spec.address.clone(),
                 client,
-                breaker: Breaker::new(config.breaker_failures, Duration::from_millis(config.breaker_cooldown_ms)),
+                breaker: Breaker::new(
+                    config.breaker_failures,
+                    Duration::from_millis(config.breaker_cooldown_ms),
+                ),
                 timeout,
             });
         }
-        let weighted: Vec<(String, u32)> = specs.iter().map(|s| (s.address.clone(), s.weight)).collect();
+        let weighted: Vec<(String, u32)> = specs
+            .iter()
+            .map(|s| (s.address.clone(), s.weight))
+            .collect();
         Ok(Pool {
             servers,
             ring: Ring::new(&weighted, hashing),
@@ -223,8 +246,16 @@ impl Pool {
 
     /// Run `(value, operation)` pairs grouped per server (routed by V), the
     /// groups concurrently; results in input order.
-    pub(crate) async fn run_routed<O: Operation>(&self, mode: Mode, ops: Vec<(Vec<u8>, O)>) -> Vec<Result<O::Output>> {
-        let mut groups: Vec<(Vec<usize>, Vec<O>)> = self.servers.iter().map(|_| (Vec::new(), Vec::new())).collect();
+    pub(crate) async fn run_routed<O: Operation>(
+        &self,
+        mode: Mode,
+        ops: Vec<(Vec<u8>, O)>,
+    ) -> Vec<Result<O::Output>> {
+        let mut groups: Vec<(Vec<usize>, Vec<O>)> = self
+            .servers
+            .iter()
+            .map(|_| (Vec::new(), Vec::new()))
+            .collect();
         let count = ops.len();
         for (position, (value, op)) in ops.into_iter().enumerate() {
             let group = &mut groups[self.ring.pick(&value)];
@@ -235,8 +266,16 @@ impl Pool {
     }
 
     /// Like [`run_routed`](Self::run_routed) with the server index given.
-    pub(crate) async fn run_on<O: Operation>(&self, mode: Mode, ops: Vec<(usize, O)>) -> Vec<Result<O::Output>> {
-        let mut groups: Vec<(Vec<usize>, Vec<O>)> = self.servers.iter().map(|_| (Vec::new(), Vec::new())).collect();
+    pub(crate) async fn run_on<O: Operation>(
+        &self,
+        mode: Mode,
+        ops: Vec<(usize, O)>,
+    ) -> Vec<Result<O::Output>> {
+        let mut groups: Vec<(Vec<usize>, Vec<O>)> = self
+            .servers
+            .iter()
+            .map(|_| (Vec::new(), Vec::new()))
+            .collect();
         let count = ops.len();
         for (position, (server, op)) in ops.into_iter().enumerate() {
             groups[server].0.push(position);
@@ -280,4 +319,3 @@ impl Pool {
             .collect()
     }
 }
-

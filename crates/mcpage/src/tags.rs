@@ -98,7 +98,9 @@ pub(crate) fn record(page_key: &[u8]) -> Vec<u8> {
 
 /// The page keys listed in an index item (duplicates included).
 pub(crate) fn entries(value: &[u8]) -> impl Iterator<Item = &[u8]> {
-    value.split(|b| *b == b'\n').filter(|entry| !entry.is_empty())
+    value
+        .split(|b| *b == b'\n')
+        .filter(|entry| !entry.is_empty())
 }
 
 /// The item without duplicate records, first occurrence kept.
@@ -149,8 +151,19 @@ mod tests {
     #[test]
     fn keys_are_valid_memcached_keys_for_any_tag() {
         let keys = IndexKeys::new("mcpage:", 16);
-        for tag in ["comments", "article:42", "with space", "ünïcödé", "\r\n", &"x".repeat(1000)] {
-            for key in [keys.tag_clock(tag), keys.shard_for(tag, b"/a"), keys.shard(tag, 15)] {
+        for tag in [
+            "comments",
+            "article:42",
+            "with space",
+            "ünïcödé",
+            "\r\n",
+            &"x".repeat(1000),
+        ] {
+            for key in [
+                keys.tag_clock(tag),
+                keys.shard_for(tag, b"/a"),
+                keys.shard(tag, 15),
+            ] {
                 assert!(key.len() <= 250);
                 assert!(key.iter().all(|b| *b > b' ' && *b != 0x7f), "{key:?}");
             }
@@ -182,7 +195,10 @@ mod tests {
         );
         assert_eq!(parse_header(b""), Some(vec![]));
         assert_eq!(parse_header(b"\xff"), None);
-        let many = (0..=MAX_TAGS_PER_PAGE).map(|i| format!("t{i}")).collect::<Vec<_>>().join(",");
+        let many = (0..=MAX_TAGS_PER_PAGE)
+            .map(|i| format!("t{i}"))
+            .collect::<Vec<_>>()
+            .join(",");
         assert_eq!(parse_header(many.as_bytes()), None);
         assert_eq!(parse_header("x".repeat(MAX_TAG_BYTES + 1).as_bytes()), None);
     }

@@ -71,7 +71,12 @@ impl<S> tower::Layer<S> for PageCacheLayer {
     type Service = PageCache<S>;
 
     fn layer(&self, inner: S) -> PageCache<S> {
-        PageCache::new(inner, self.cache.clone(), Arc::clone(&self.flights), self.single_flight)
+        PageCache::new(
+            inner,
+            self.cache.clone(),
+            Arc::clone(&self.flights),
+            self.single_flight,
+        )
     }
 }
 
@@ -87,7 +92,12 @@ impl CacheTags {
         I: IntoIterator<Item = T>,
         T: Into<String>,
     {
-        CacheTags(tags.into_iter().map(Into::into).filter(|t: &String| !t.trim().is_empty()).collect())
+        CacheTags(
+            tags.into_iter()
+                .map(Into::into)
+                .filter(|t: &String| !t.trim().is_empty())
+                .collect(),
+        )
     }
 
     /// Add one tag.

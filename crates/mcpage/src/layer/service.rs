@@ -3,8 +3,8 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
@@ -74,7 +74,11 @@ impl Leader {
 
 impl Drop for Leader {
     fn drop(&mut self) {
-        let mut map = self.flights.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut map = self
+            .flights
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         map.remove(&self.key);
     }
 }
@@ -141,7 +145,9 @@ impl<S> PageCache<S> {
 }
 
 fn mark<B>(response: &mut Response<B>, value: &HeaderValue) {
-    response.headers_mut().insert(X_CACHE.clone(), value.clone());
+    response
+        .headers_mut()
+        .insert(X_CACHE.clone(), value.clone());
 }
 
 impl<S, ReqBody, ResBody> tower::Service<Request<ReqBody>> for PageCache<S>
@@ -209,7 +215,11 @@ where
         None => None,
         Some(Role::Leader(leader)) => Some(leader),
         Some(Role::Follower(mut receiver)) => {
-            let shared = receiver.wait_for(Option::is_some).await.ok().and_then(|state| state.clone().flatten());
+            let shared = receiver
+                .wait_for(Option::is_some)
+                .await
+                .ok()
+                .and_then(|state| state.clone().flatten());
             if let Some(shared) = shared {
                 metrics.shared.fetch_add(1, Ordering::Relaxed);
                 let mut response = Response::new(PageBody::buffered(shared.body.clone(), None));
@@ -240,7 +250,12 @@ where
     let decision = if parts.extensions.get::<SkipCache>().is_some() {
         Err(Bypass::OptOut)
     } else {
-        policy::check_response(&cache.inner.compiled, config.ttl_secs, parts.status, &parts.headers)
+        policy::check_response(
+            &cache.inner.compiled,
+            config.ttl_secs,
+            parts.status,
+            &parts.headers,
+        )
     };
     let tags = decision.and_then(|ttl| {
         let mut tags = match &header_tags {
@@ -252,7 +267,9 @@ where
             tags.sort();
             tags.dedup();
         }
-        if tags.len() > tags::MAX_TAGS_PER_PAGE || tags.iter().any(|t| t.len() > tags::MAX_TAG_BYTES) {
+        if tags.len() > tags::MAX_TAGS_PER_PAGE
+            || tags.iter().any(|t| t.len() > tags::MAX_TAG_BYTES)
+        {
             return Err(Bypass::Tags);
         }
         Ok((ttl, tags))
@@ -293,7 +310,7 @@ where
             body: data.clone(),
             ttl,
             tags,
-        clock,
+            clock,
         });
     }
     parts.headers.insert(X_CACHE.clone(), MISS.clone());
@@ -306,7 +323,10 @@ where
             })
         }));
     }
-    Ok(Response::from_parts(parts, PageBody::buffered(data, trailers)))
+    Ok(Response::from_parts(
+        parts,
+        PageBody::buffered(data, trailers),
+    ))
 }
 
 enum Collected<B: Body> {
