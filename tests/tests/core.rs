@@ -485,7 +485,7 @@ async fn memcached_down_fails_open_and_invalidation_reports_it() {
             .is_err()
     );
     assert!(
-        stack.cache.stats().servers.iter().any(|(_, open, _)| *open),
+        stack.cache.stats().servers.iter().any(|s| s.breaker_open),
         "the breaker opened"
     );
 }

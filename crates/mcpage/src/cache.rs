@@ -1,9 +1,10 @@
 //! [`Cache`]: the shared handle behind the layer, the invalidator and the CLI,
 //! and the write path of DESIGN.md (register, store, recheck).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use memcache::exp::{Arithmetic, Delete, Get, Meta, MutationStatus, Set, Ttl};
@@ -86,8 +87,34 @@ pub struct CacheStats {
     pub invalidation_errors: u64,
     /// Pages removed by invalidation.
     pub pages_removed: u64,
-    /// Per memcached server: (name, breaker open now, times opened).
-    pub servers: Vec<(String, bool, u64)>,
+    /// Per memcached server (pages and index pool).
+    pub servers: Vec<ServerStats>,
+}
+
+/// The client's view of one memcached server.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ServerStats {
+    /// As written in the config.
+    pub name: String,
+    /// The circuit breaker is open: request-path work skips this server.
+    pub breaker_open: bool,
+    /// Times the breaker opened since start.
+    pub breaker_opened: u64,
+    /// Failed operations since start.
+    pub errors: u64,
+}
+
+/// Tag index items on one index server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct IndexUsage {
+    /// Index items (tag shards).
+    pub items: u64,
+    /// Their total size in bytes (as memcached counts items).
+    pub bytes: u64,
+    /// The largest one.
+    pub largest: u64,
 }
 
 /// What the layer hands to the write path.
@@ -193,18 +220,16 @@ impl Cache {
     pub fn stats(&self) -> CacheStats {
         let m = &self.inner.metrics;
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let mut servers = Vec::new();
-        for pool in [&self.inner.pages, &self.inner.index] {
-            for server in pool.servers() {
-                if !servers.iter().any(|(name, _, _)| name == &server.name) {
-                    servers.push((
-                        server.name.clone(),
-                        server.breaker.is_open(),
-                        server.breaker.opened_total(),
-                    ));
-                }
-            }
-        }
+        let servers = self
+            .distinct_servers()
+            .into_iter()
+            .map(|server| ServerStats {
+                name: server.name.clone(),
+                breaker_open: server.breaker.is_open(),
+                breaker_opened: server.breaker.opened_total(),
+                errors: load(&server.errors),
+            })
+            .collect();
         CacheStats {
             stores: load(&m.stores),
             store_errors: load(&m.store_errors),
@@ -220,6 +245,120 @@ impl Cache {
             pages_removed: load(&m.pages_removed),
             servers,
         }
+    }
+
+    /// Store `body` as the page for `target` (a path as a user writes it, or
+    /// `http://host/path` in host mode) under `tags`, through the same write path
+    /// as the layer: register, store, recheck. For probes (`mcpage check`) and
+    /// pre-warming. Fails when the page was invalidated while being stored.
+    pub async fn store_page<I, T>(
+        &self,
+        target: &str,
+        body: impl Into<Bytes>,
+        tags: I,
+    ) -> Result<PageKey>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<String>,
+    {
+        let (host, path) = crate::invalidate::split_url(target);
+        let key = self
+            .page_key(host.map(str::as_bytes), path.as_bytes())
+            .map_err(|skip| {
+                Error::Invalid(format!("`{target}` has no cache key ({})", skip.reason()))
+            })?;
+        let mut tags: Vec<String> = tags
+            .into_iter()
+            .map(Into::into)
+            .filter(|t| !t.trim().is_empty())
+            .collect();
+        tags.sort();
+        tags.dedup();
+        let clock = self.read_clock(Mode::Always).await?;
+        let page = PageWrite {
+            key,
+            body: body.into(),
+            ttl: self.inner.config.cache.ttl_secs,
+            tags,
+            clock,
+        };
+        match self.write(&page).await? {
+            Written::Stored => Ok(page.key),
+            Written::Retracted => Err(Error::Invalid(format!(
+                "`{target}` was invalidated while being stored"
+            ))),
+        }
+    }
+
+    /// memcached's own `stats` of every configured server (pages and index
+    /// pool, each once), in config order.
+    pub async fn memcached_stats(&self) -> Vec<(String, Result<BTreeMap<String, String>>)> {
+        let mut out = Vec::new();
+        for server in self.distinct_servers() {
+            let stats = server
+                .text_command("stats", Duration::ZERO)
+                .await
+                .map(|lines| {
+                    lines
+                        .iter()
+                        .filter_map(|line| {
+                            let line = String::from_utf8_lossy(line);
+                            let mut words = line.strip_prefix("STAT ")?.splitn(2, ' ');
+                            Some((
+                                words.next()?.to_owned(),
+                                words.next().unwrap_or_default().to_owned(),
+                            ))
+                        })
+                        .collect()
+                });
+            out.push((server.name.clone(), stats));
+        }
+        out
+    }
+
+    /// Size of the tag index per index server: (server, items, bytes, largest item),
+    /// from `lru_crawler metadump`.
+    pub async fn index_usage(&self) -> Vec<(String, Result<IndexUsage>)> {
+        let prefix = format!("{}t:", self.inner.index_keys.namespace());
+        let mut out = Vec::new();
+        for server in self.inner.index.servers() {
+            let usage = server
+                .text_command("lru_crawler metadump all", Duration::from_secs(60))
+                .await
+                .map(|lines| {
+                    let mut usage = IndexUsage::default();
+                    for line in &lines {
+                        let Some(key) = crate::invalidate::metadump_key(line) else {
+                            continue;
+                        };
+                        if !key.starts_with(prefix.as_bytes()) {
+                            continue;
+                        }
+                        let size = String::from_utf8_lossy(line)
+                            .split(' ')
+                            .find_map(|field| field.strip_prefix("size=")?.parse::<u64>().ok())
+                            .unwrap_or(0);
+                        usage.items += 1;
+                        usage.bytes += size;
+                        usage.largest = usage.largest.max(size);
+                    }
+                    usage
+                });
+            out.push((server.name.clone(), usage));
+        }
+        out
+    }
+
+    fn distinct_servers(&self) -> Vec<&crate::store::Server> {
+        let mut servers: Vec<&crate::store::Server> = Vec::new();
+        for pool in [&self.inner.pages, &self.inner.index] {
+            for server in pool.servers() {
+                if !servers.iter().any(|s| s.name == server.name) {
+                    servers.push(server);
+                }
+            }
+        }
+        servers
     }
 
     /// Read the invalidation clock G (creating it when missing). Request path:

@@ -428,7 +428,7 @@ fn unique(items: impl Iterator<Item = String>) -> Vec<String> {
 }
 
 /// `http://host/path?q` → (Some(host), "/path?q"); `/path` → (None, "/path").
-fn split_url(url: &str) -> (Option<&str>, &str) {
+pub(crate) fn split_url(url: &str) -> (Option<&str>, &str) {
     for scheme in ["http://", "https://"] {
         if let Some(rest) = url.strip_prefix(scheme) {
             return match rest.find('/') {
@@ -441,7 +441,7 @@ fn split_url(url: &str) -> (Option<&str>, &str) {
 }
 
 /// The raw key of a `lru_crawler metadump` line (`key=<uri-encoded> exp=...`).
-fn metadump_key(line: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn metadump_key(line: &[u8]) -> Option<Vec<u8>> {
     let encoded = line.strip_prefix(b"key=")?.split(|b| *b == b' ').next()?;
     percent_decode(encoded)
 }

@@ -46,7 +46,7 @@ mod reference_tests;
 #[doc = include_str!("../../../README.md")]
 pub struct ReadmeDoctests;
 
-pub use cache::Cache;
+pub use cache::{Cache, CacheStats, IndexUsage, ServerStats};
 pub use config::Config;
 pub use error::{Error, Result};
 pub use invalidate::{Invalidator, Removed};

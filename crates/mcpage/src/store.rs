@@ -6,6 +6,7 @@
 //! skip walk, and because invalidation must address servers one by one and
 //! report which one failed.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::future::join_all;
@@ -23,6 +24,8 @@ pub(crate) struct Server {
     pub(crate) name: String,
     client: AsyncMetaClient,
     pub(crate) breaker: Breaker,
+    /// Failed operations (transport, protocol, rejected, breaker open).
+    pub(crate) errors: AtomicU64,
     timeout: Duration,
 }
 
@@ -54,6 +57,7 @@ fn is_server_failure(error: &memcache::exp::Error) -> bool {
 impl Server {
     fn check(&self, mode: Mode) -> Result<()> {
         if mode == Mode::FailFast && !self.breaker.allow() {
+            self.errors.fetch_add(1, Ordering::Relaxed);
             return Err(Error::BreakerOpen {
                 server: self.name.clone(),
             });
@@ -62,6 +66,7 @@ impl Server {
     }
 
     fn error(&self, source: memcache::exp::Error) -> Error {
+        self.errors.fetch_add(1, Ordering::Relaxed);
         Error::Memcached {
             server: self.name.clone(),
             source,
@@ -222,6 +227,7 @@ impl Pool {
                     config.breaker_failures,
                     Duration::from_millis(config.breaker_cooldown_ms),
                 ),
+                errors: AtomicU64::new(0),
                 timeout,
             });
         }
