@@ -202,6 +202,25 @@ impl Cache {
         self.inner.keys.page_key(host, target)
     }
 
+    /// Would an anonymous GET of `target` be cached (before the response is
+    /// known)? The page key, or the reason why not. `host` is the Host header,
+    /// used in host mode (`keys.host`) and checked against `cache.allowed_hosts`.
+    pub fn classify(&self, host: Option<&[u8]>, target: &[u8]) -> Result<PageKey, Bypass> {
+        let inner = &self.inner;
+        let host = if inner.config.keys.host {
+            let normalized = host.and_then(crate::key::nginx_host).ok_or(Bypass::Host)?;
+            if !inner.compiled.allowed_hosts.contains(&normalized) {
+                return Err(Bypass::Host);
+            }
+            host
+        } else {
+            None
+        };
+        let key = self.page_key(host, target)?;
+        crate::policy::check_path(&inner.compiled, &key.uri)?;
+        Ok(key)
+    }
+
     /// The memcached server (as written in the config) nginx asks for `key`.
     pub fn server_for(&self, key: &PageKey) -> &str {
         &self.inner.pages.route(&key.value).name

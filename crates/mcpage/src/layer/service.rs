@@ -125,22 +125,15 @@ impl<S> PageCache<S> {
             .map_or(request.uri(), |original| &original.0);
         let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
         let host = if inner.config.keys.host {
-            let host = request
+            request
                 .headers()
                 .get(HOST)
                 .map(HeaderValue::as_bytes)
-                .or_else(|| uri.authority().map(|a| a.as_str().as_bytes()));
-            let normalized = host.and_then(crate::key::nginx_host).ok_or(Bypass::Host)?;
-            if !inner.compiled.allowed_hosts.contains(&normalized) {
-                return Err(Bypass::Host);
-            }
-            host
+                .or_else(|| uri.authority().map(|a| a.as_str().as_bytes()))
         } else {
             None
         };
-        let key = self.cache.page_key(host, target.as_bytes())?;
-        policy::check_path(&inner.compiled, &key.uri)?;
-        Ok(key)
+        self.cache.classify(host, target.as_bytes())
     }
 }
 
