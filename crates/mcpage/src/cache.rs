@@ -447,9 +447,10 @@ impl Cache {
 
     /// Register in every tag's index, store, then recheck the clocks.
     pub(crate) async fn write(&self, page: &PageWrite) -> Result<Written> {
+        // Encode first: a body that turns out too large must not leave an index record.
+        let (body, flags) = self.encode_body(&page.body)?;
         self.register(page).await?;
         let server = self.inner.pages.route(&page.key.value);
-        let (body, flags) = self.encode_body(&page.body)?;
         let set = Set::new(&page.key.key, body)
             .client_flags(flags)
             .ttl(Ttl::secs(page.ttl));
