@@ -69,6 +69,24 @@ async fn page(State(site): State<Site>, OriginalUri(uri): OriginalUri) -> Respon
         "no-store" => (html, [(header::CACHE_CONTROL, "no-store")], body).into_response(),
         "missing" => (StatusCode::NOT_FOUND, html, body).into_response(),
         "json" => ([(header::CONTENT_TYPE, "application/json")], "{}").into_response(),
+        "big" => {
+            // /big/<bytes>/<compressible|random>
+            let size: usize = segment(2).parse().unwrap_or(0);
+            let body: Vec<u8> = if segment(3) == "random" {
+                let mut x: u32 = 2_463_534_242;
+                (0..size)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 17;
+                        x ^= x << 5;
+                        (x % 94 + 33) as u8
+                    })
+                    .collect()
+            } else {
+                vec![b'x'; size]
+            };
+            (html, body).into_response()
+        }
         "race" => {
             site.started.notify_one();
             site.release.notified().await;
@@ -632,4 +650,116 @@ async fn index_stays_bounded() {
         index_item_sizes(&memcached).is_empty(),
         "the index was cleared"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_over_the_size_limit_are_served_whole_and_not_stored() {
+    let stack = Stack::start(1, |c| c.cache.max_body_bytes = 100_000).await;
+    for target in ["/big/250000/x", "/big/100001/x"] {
+        for _ in 0..2 {
+            let response = stack.fetch(target, &[]).await;
+            assert_eq!(response.status, 200);
+            assert_eq!(x_cache(&response), "BYPASS");
+            assert_eq!(
+                response.body.len(),
+                target
+                    .split('/')
+                    .nth(2)
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0)
+            );
+        }
+    }
+    stack.fetch("/big/100000/x", &[]).await;
+    stack.cache.settle().await;
+    assert!(!stack.stored("/big/250000/x"));
+    assert!(stack.stored("/big/100000/x"), "exactly the limit is stored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzip_counts_the_compressed_size() {
+    let stack = Stack::start(1, |c| {
+        c.cache.max_body_bytes = 100_000;
+        c.cache.gzip = true;
+    })
+    .await;
+    // 400 kB of one byte compresses far below the limit; random text does not.
+    let compressible = stack.fetch("/big/400000/x", &[]).await;
+    let random = stack.fetch("/big/400000/random", &[]).await;
+    assert_eq!(random.body.len(), 400_000);
+    stack.cache.settle().await;
+    assert!(stack.stored("/big/400000/x"));
+    assert!(!stack.stored("/big/400000/random"));
+    assert_eq!(
+        stack.cache.stats().store_errors,
+        1,
+        "the oversized gzip body was refused, not stored"
+    );
+    let hit = stack.fetch("/big/400000/x", &[]).await;
+    assert_eq!(x_cache(&hit), "HIT");
+    assert_eq!(
+        hit.body, compressible.body,
+        "nginx gunzips for a client without gzip"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_for_one_key_render_once() {
+    use std::future::Future;
+    use std::pin::Pin;
+    use tower::ServiceExt;
+
+    let memcached = Memcached::start();
+    let mut config = Config::default();
+    config.memcached.servers = vec![mcpage::config::ServerSpec::new(memcached.address())];
+    let cache = Cache::connect(&config).await.expect("cache");
+    let site = Site::default();
+    let router = Router::new()
+        .fallback(page)
+        .with_state(site.clone())
+        .layer(PageCacheLayer::new(cache.clone()));
+    let request = || {
+        let request = axum::http::Request::get("/race/flight")
+            .body(axum::body::Body::empty())
+            .expect("request");
+        Box::pin(router.clone().oneshot(request))
+    };
+    type Call = Pin<
+        Box<dyn Future<Output = Result<axum::response::Response, std::convert::Infallible>> + Send>,
+    >;
+    // The leader reads the clock and enters the handler, which waits for `release`.
+    let mut leader: Call = request();
+    let started = site.started.notified();
+    tokio::pin!(started);
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut started => break,
+            _ = &mut leader => panic!("the leader finished before it was released"),
+        }
+    }
+    // Every follower is polled once, which makes it join the leader's flight.
+    let mut followers: Vec<Call> = (0..99).map(|_| -> Call { request() }).collect();
+    for follower in &mut followers {
+        assert!(futures_util::poll!(follower.as_mut()).is_pending());
+    }
+    site.release.notify_one();
+    let leader = leader.await.expect("infallible");
+    let leader_body = axum::body::to_bytes(leader.into_body(), usize::MAX)
+        .await
+        .expect("body");
+    for response in futures_util::future::join_all(followers).await {
+        let response = response.expect("infallible");
+        assert_eq!(response.status(), 200);
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .expect("body");
+        assert_eq!(body, leader_body);
+    }
+    assert_eq!(
+        site.renders_of("/race/flight"),
+        1,
+        "100 concurrent misses, one render"
+    );
+    assert_eq!(cache.stats().shared, 99);
 }
