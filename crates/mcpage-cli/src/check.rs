@@ -1,11 +1,621 @@
-//! `mcpage check` (placeholder).
+//! `mcpage check`: does nginx serve what mcpage stores?
+//!
+//! 1. For a few probe targets (`/mcpage-probe-<nonce>-<n>`), the page is
+//!    stored through the library (`Cache::store_page`, the layer's write
+//!    path) on the server mcpage expects, and a body naming each other page
+//!    server is written to that server under the same key.
+//! 2. Each probe is fetched through nginx (plain HTTP/1.1, no
+//!    `Accept-Encoding`). The body says which server nginx asked:
+//!    - the expected one (with `X-Cache: HIT`): nginx and mcpage agree;
+//!    - another one: the ring differs (servers, weights, hashing);
+//!    - none: memcached's `cmd_get` counters before and after tell whether
+//!      nginx asked memcached at all (no: config not included, or bypass
+//!      rules) or asked for another key (prefix mismatch).
+//! 3. On a hit, ~20 more requests are sent and memcached's
+//!    `total_connections` compared: growing by one per request means nginx
+//!    has no keepalive pool to memcached.
+//! 4. The probe keys are deleted from every page server, also on failure.
+//!
+//! Exit codes: 0 hit; 1 anything wrong (the line says what).
 
+use std::collections::BTreeMap;
+use std::hash::{BuildHasher, Hasher};
+use std::io::Read as _;
 use std::process::ExitCode;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use mcpage::key::PageKey;
+use mcpage::{Cache, Config};
+use memcache::exp::{AsyncMetaClient, Delete, Set, Ttl};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Arguments of `mcpage check`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct Args {}
+pub(crate) struct Args {
+    /// nginx, as clients reach it [default: http://<nginx.listen>].
+    #[arg(long, value_name = "URL")]
+    url: Option<String>,
+}
 
-pub(crate) async fn run(_config: &mcpage::Config, _args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not implemented yet")
+/// Probe pages per run: one key can land on the right server by chance
+/// even when the rings differ; several rarely all do.
+const PROBES: usize = 8;
+/// Requests sent to measure new memcached connections.
+const KEEPALIVE_REQUESTS: u64 = 20;
+/// Lifetime of the probes written directly (a backstop: they are deleted).
+const PROBE_TTL_SECS: u32 = 120;
+/// One memcached operation.
+const MEMCACHED_TIMEOUT: Duration = Duration::from_secs(2);
+/// One HTTP exchange with nginx (a miss may wait for the app).
+const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub(crate) async fn run(config: &Config, args: Args) -> anyhow::Result<ExitCode> {
+    let base = args
+        .url
+        .clone()
+        .unwrap_or_else(|| format!("http://{}", connect_address(&config.nginx.listen)));
+    let authority = authority_of(&base)?;
+    let cache = Cache::connect(config)
+        .await
+        .context("cannot set up the memcached pools")?;
+    let host = if config.keys.host {
+        match config.cache.allowed_hosts.first() {
+            Some(host) => host.clone(),
+            None => bail!("keys.host is on but cache.allowed_hosts is empty"),
+        }
+    } else {
+        authority.clone()
+    };
+
+    let mut clients = Vec::new();
+    for server in &config.memcached.servers {
+        let client = AsyncMetaClient::builder()
+            .io_timeout(Some(MEMCACHED_TIMEOUT))
+            .connect_timeout(Some(MEMCACHED_TIMEOUT))
+            .connect_async(server.address.as_str())
+            .await
+            .with_context(|| format!("memcached {}", server.address))?;
+        clients.push((server.address.clone(), client));
+    }
+
+    let nonce = random_hex();
+    let mut probes = Vec::with_capacity(PROBES);
+    for n in 0..PROBES {
+        let path = format!("/mcpage-probe-{nonce}-{n}");
+        let key = cache
+            .page_key(config.keys.host.then_some(host.as_bytes()), path.as_bytes())
+            .map_err(|skip| {
+                anyhow::anyhow!(
+                    "the probe {path} has no cache key ({}): is keys.prefix very long?",
+                    skip.reason()
+                )
+            })?;
+        let expected = cache.server_for(&key).to_owned();
+        probes.push(Probe {
+            path,
+            key,
+            expected,
+        });
+    }
+
+    let checker = Checker {
+        config,
+        cache: &cache,
+        clients: &clients,
+        authority: &authority,
+        host: &host,
+        nonce: &nonce,
+        base: &base,
+        written: Mutex::new(Vec::new()),
+    };
+    let outcome = checker.check(&probes).await;
+    let cleanup = checker.remove().await;
+    let code = match outcome {
+        Ok(verdict) => {
+            println!("{}", verdict.line);
+            for warning in &verdict.warnings {
+                eprintln!("mcpage check: WARNING: {warning}");
+            }
+            if verdict.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(error) => {
+            eprintln!("mcpage check: {error:#}");
+            ExitCode::FAILURE
+        }
+    };
+    if let Err(error) = cleanup {
+        eprintln!(
+            "mcpage check: could not remove every probe (they expire in {PROBE_TTL_SECS} s or cache.ttl_secs): {error:#}"
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(code)
+}
+
+struct Probe {
+    path: String,
+    key: PageKey,
+    /// The server mcpage stores it on (and expects nginx to ask).
+    expected: String,
+}
+
+struct Checker<'a> {
+    config: &'a Config,
+    cache: &'a Cache,
+    clients: &'a [(String, AsyncMetaClient)],
+    authority: &'a str,
+    host: &'a str,
+    nonce: &'a str,
+    base: &'a str,
+    /// Probe writes attempted: (key, server, confirmed).
+    written: Mutex<Vec<(Vec<u8>, String, bool)>>,
+}
+
+struct Verdict {
+    ok: bool,
+    line: String,
+    warnings: Vec<String>,
+}
+
+impl Verdict {
+    fn fail(line: String) -> Verdict {
+        Verdict {
+            ok: false,
+            line,
+            warnings: Vec::new(),
+        }
+    }
+}
+
+/// What nginx answered for one probe.
+enum Answer {
+    /// The body written to this server.
+    From { server: String, x_cache_hit: bool },
+    /// Something else (the app, an error page).
+    Other { status: u16 },
+}
+
+impl Checker<'_> {
+    fn body(&self, path: &str, server: &str) -> String {
+        format!(
+            "mcpage check {}: probe {path} stored on memcached {server}\n",
+            self.nonce
+        )
+    }
+
+    async fn check(&self, probes: &[Probe]) -> anyhow::Result<Verdict> {
+        // Every server (pages and index pool) must answer first: with one
+        // down, the write path cannot confirm a page and would only say so
+        // indirectly.
+        for (server, stats) in self.cache.memcached_stats().await {
+            if let Err(error) = stats {
+                let error = error.to_string();
+                let error = if error.starts_with(&format!("memcached {server}")) {
+                    error
+                } else {
+                    format!("memcached {server}: {error}")
+                };
+                bail!("{error} (nothing was checked: every memcached server must answer)");
+            }
+        }
+        self.write(probes).await?;
+        let before = self.page_stats().await?;
+        let mut answers = Vec::with_capacity(probes.len());
+        for probe in probes {
+            answers.push(self.fetch(probe).await?);
+        }
+        let after = self.page_stats().await?;
+
+        let mut hits = 0;
+        for (probe, answer) in probes.iter().zip(&answers) {
+            match answer {
+                Answer::From { server, .. } if *server == probe.expected => hits += 1,
+                Answer::From { server, .. } => {
+                    return Ok(Verdict::fail(format!(
+                        "wrong server on the ring: nginx asked {server}, mcpage expects {} for key `{}` \
+                         (servers, weights or hashing differ between nginx and mcpage.toml: \
+                         re-render nginx's side with `mcpage nginx`)",
+                        probe.expected,
+                        show(&probe.key.key)
+                    )));
+                }
+                Answer::Other { .. } => {}
+            }
+        }
+        if hits == probes.len() {
+            return Ok(self.hit(probes, &answers).await);
+        }
+        let status = answers.iter().find_map(|a| match a {
+            Answer::Other { status } => Some(*status),
+            Answer::From { .. } => None,
+        });
+        let status = status.map_or_else(String::new, |s| format!("; nginx answered {s}"));
+        if hits > 0 {
+            return Ok(Verdict::fail(format!(
+                "only {hits} of {} probes were served from memcached: nginx asks servers mcpage \
+                 does not write to (compare nginx's upstream with memcached.servers){status}",
+                probes.len()
+            )));
+        }
+        let gets: u64 = before
+            .iter()
+            .map(|(server, b)| {
+                after
+                    .get(server)
+                    .map_or(0, |a| a.gets.saturating_sub(b.gets))
+            })
+            .sum();
+        let prefix = &self.config.keys.prefix;
+        Ok(Verdict::fail(if gets == 0 {
+            format!(
+                "nginx did not ask memcached (is the mcpage location/config included? bypass rules?){status}"
+            )
+        } else {
+            format!(
+                "nginx asked for another key: prefix mismatch (nginx `set $memcached_key` differs from \
+                 keys.prefix = \"{prefix}\", or keys.query/keys.host differ); expected key `{}`{status}",
+                show(&probes[0].key.key)
+            )
+        }))
+    }
+
+    /// Every probe hit on the expected server: also look at keepalive.
+    async fn hit(&self, probes: &[Probe], answers: &[Answer]) -> Verdict {
+        let probe = &probes[0];
+        let mut warnings = Vec::new();
+        if answers.iter().any(|a| {
+            matches!(
+                a,
+                Answer::From {
+                    x_cache_hit: false,
+                    ..
+                }
+            )
+        }) {
+            warnings.push(
+                "hits carry no `X-Cache: HIT` header: this nginx config was not rendered by `mcpage nginx`"
+                    .to_owned(),
+            );
+        }
+        match self.keepalive(probe).await {
+            Ok(Some(opened)) if opened >= KEEPALIVE_REQUESTS => warnings.push(format!(
+                "no keepalive pool to memcached: every hit opens a TCP connection (4x fewer requests, \
+                 p99 70-200 ms): {opened} new connections for {KEEPALIVE_REQUESTS} requests; use \
+                 `upstream {{ ... keepalive N; }}` as `mcpage nginx` renders it"
+            )),
+            Ok(_) => {}
+            Err(error) => warnings.push(format!("keepalive not measured: {error:#}")),
+        }
+        Verdict {
+            ok: true,
+            line: format!(
+                "HIT: nginx serves pages from memcached; key `{}` on server `{}` \
+                 ({} probes through {}, each from the server mcpage expects)",
+                show(&probe.key.key),
+                probe.expected,
+                probes.len(),
+                self.base
+            ),
+            warnings,
+        }
+    }
+
+    /// New memcached connections on the probe's server during
+    /// [`KEEPALIVE_REQUESTS`] hits (`None`: counters unavailable).
+    async fn keepalive(&self, probe: &Probe) -> anyhow::Result<Option<u64>> {
+        let before = self.page_stats().await?;
+        for _ in 0..KEEPALIVE_REQUESTS {
+            self.fetch(probe).await?;
+        }
+        let after = self.page_stats().await?;
+        let count = |stats: &BTreeMap<String, Counters>| {
+            stats.get(&probe.expected).and_then(|c| c.connections)
+        };
+        Ok(match (count(&before), count(&after)) {
+            // Minus the connection that read the second snapshot.
+            (Some(b), Some(a)) => Some(a.saturating_sub(b).saturating_sub(1)),
+            _ => None,
+        })
+    }
+
+    /// Store the probes: through the library on the expected server, directly
+    /// (a body naming the server) on every other one.
+    async fn write(&self, probes: &[Probe]) -> anyhow::Result<()> {
+        let host_mode = self.config.keys.host;
+        for probe in probes {
+            let target = if host_mode {
+                format!("http://{}{}", self.host, probe.path)
+            } else {
+                probe.path.clone()
+            };
+            let body = self.body(&probe.path, &probe.expected);
+            let stored = self
+                .cache
+                .store_page(&target, body, std::iter::empty::<String>())
+                .await;
+            self.attempted(&probe.key.key, &probe.expected, stored.is_ok());
+            let stored = stored.with_context(|| {
+                format!("cannot store the probe page {} through mcpage", probe.path)
+            })?;
+            if stored.key != probe.key.key {
+                bail!(
+                    "mcpage stored the probe under `{}`, expected `{}`",
+                    show(&stored.key),
+                    show(&probe.key.key)
+                );
+            }
+            for (server, client) in self.clients {
+                if *server == probe.expected {
+                    continue;
+                }
+                let set = Set::new(&probe.key.key, self.body(&probe.path, server))
+                    .ttl(Ttl::secs(PROBE_TTL_SECS));
+                let result = client.run(set).await;
+                self.attempted(&probe.key.key, server, result.is_ok());
+                let result = result
+                    .with_context(|| format!("cannot write the probe to memcached {server}"))?;
+                if !result.applied() {
+                    bail!("memcached {server} refused the probe ({:?})", result.status);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn attempted(&self, key: &[u8], server: &str, confirmed: bool) {
+        if let Ok(mut written) = self.written.lock() {
+            written.push((key.to_vec(), server.to_owned(), confirmed));
+        }
+    }
+
+    /// Delete every probe key written (or maybe written) so far. Failures
+    /// count only where the write was confirmed: a server that refused the
+    /// write has already been reported.
+    async fn remove(&self) -> anyhow::Result<()> {
+        let written = self.written.lock().map(|w| w.clone()).unwrap_or_default();
+        let mut first_error = None;
+        for (key, server, confirmed) in written {
+            let Some((_, client)) = self.clients.iter().find(|(name, _)| *name == server) else {
+                continue;
+            };
+            if let Err(error) = client.run(Delete::new(&key)).await
+                && confirmed
+            {
+                first_error.get_or_insert_with(|| format!("memcached {server}: {error}"));
+            }
+        }
+        match first_error {
+            None => Ok(()),
+            Some(error) => bail!("{error}"),
+        }
+    }
+
+    async fn fetch(&self, probe: &Probe) -> anyhow::Result<Answer> {
+        let response = http_get(self.authority, self.host, &probe.path)
+            .await
+            .with_context(|| format!("GET {}{} through nginx", self.base, probe.path))?;
+        for (server, _) in self.clients {
+            if response.body == self.body(&probe.path, server).as_bytes() {
+                return Ok(Answer::From {
+                    server: server.clone(),
+                    x_cache_hit: response.x_cache_hit,
+                });
+            }
+        }
+        Ok(Answer::Other {
+            status: response.status,
+        })
+    }
+
+    /// memcached counters of every page server that answered.
+    async fn page_stats(&self) -> anyhow::Result<BTreeMap<String, Counters>> {
+        let mut out = BTreeMap::new();
+        for (server, stats) in self.cache.memcached_stats().await {
+            if !self.clients.iter().any(|(name, _)| *name == server) {
+                continue;
+            }
+            let stats = stats.with_context(|| format!("stats of memcached {server}"))?;
+            let number = |name: &str| stats.get(name).and_then(|v| v.trim().parse::<u64>().ok());
+            let gets = number("cmd_get").unwrap_or_else(|| {
+                number("get_hits").unwrap_or(0) + number("get_misses").unwrap_or(0)
+            });
+            out.insert(
+                server,
+                Counters {
+                    gets,
+                    connections: number("total_connections"),
+                },
+            );
+        }
+        Ok(out)
+    }
+}
+
+struct Counters {
+    gets: u64,
+    connections: Option<u64>,
+}
+
+struct HttpResponse {
+    status: u16,
+    x_cache_hit: bool,
+    body: Vec<u8>,
+}
+
+/// One `GET` on a fresh connection: no `Accept-Encoding`, `Connection: close`.
+async fn http_get(authority: &str, host: &str, path: &str) -> anyhow::Result<HttpResponse> {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(authority)
+            .await
+            .with_context(|| format!("cannot connect to {authority}"))?;
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: mcpage-check\r\nConnection: close\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await?;
+        anyhow::Ok(raw)
+    };
+    let raw = tokio::time::timeout(HTTP_TIMEOUT, exchange)
+        .await
+        .with_context(|| format!("no response within {HTTP_TIMEOUT:?}"))??;
+    parse_response(&raw)
+}
+
+fn parse_response(raw: &[u8]) -> anyhow::Result<HttpResponse> {
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("incomplete HTTP response")?;
+    let head = String::from_utf8_lossy(&raw[..end]);
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|line| line.split(' ').nth(1))
+        .and_then(|code| code.parse::<u16>().ok())
+        .context("bad HTTP status line")?;
+    let mut x_cache_hit = false;
+    let mut chunked = false;
+    let mut gzip = false;
+    let mut length = None;
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        match name.trim().to_ascii_lowercase().as_str() {
+            "x-cache" => x_cache_hit |= value.eq_ignore_ascii_case("HIT"),
+            "transfer-encoding" => chunked |= value.to_ascii_lowercase().contains("chunked"),
+            "content-encoding" => gzip |= value.eq_ignore_ascii_case("gzip"),
+            "content-length" => length = value.parse::<usize>().ok(),
+            _ => {}
+        }
+    }
+    let mut body = raw[end + 4..].to_vec();
+    if chunked {
+        body = dechunk(&body).unwrap_or(body);
+    } else if let Some(length) = length {
+        body.truncate(length);
+    }
+    if gzip {
+        let mut plain = Vec::new();
+        if flate2::read::GzDecoder::new(&body[..])
+            .read_to_end(&mut plain)
+            .is_ok()
+        {
+            body = plain;
+        }
+    }
+    Ok(HttpResponse {
+        status,
+        x_cache_hit,
+        body,
+    })
+}
+
+fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let line_end = data.windows(2).position(|w| w == b"\r\n")?;
+        let size = std::str::from_utf8(&data[..line_end]).ok()?;
+        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        data = &data[line_end + 2..];
+        if size == 0 {
+            return Some(body);
+        }
+        body.extend_from_slice(data.get(..size)?);
+        data = data.get(size + 2..)?;
+    }
+}
+
+/// `http://host:port[/]` → `host:port` (port 80 when absent).
+fn authority_of(url: &str) -> anyhow::Result<String> {
+    let Some(rest) = url.strip_prefix("http://") else {
+        bail!(
+            "--url `{url}` must be http://host:port (nginx's listen address; https is not supported)"
+        );
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    if authority.is_empty() {
+        bail!("--url `{url}` has no host");
+    }
+    let has_port = !authority.ends_with(']')
+        && authority
+            .rsplit_once(':')
+            .is_some_and(|(_, port)| port.parse::<u16>().is_ok());
+    if has_port {
+        Ok(authority.to_owned())
+    } else {
+        Ok(format!("{authority}:80"))
+    }
+}
+
+/// Where to connect for an nginx `listen` value (`8080`, `127.0.0.1:8080`, `*:80`).
+fn connect_address(listen: &str) -> String {
+    let addr = listen.split_whitespace().next().unwrap_or(listen);
+    if addr.contains(':') {
+        addr.replace("*:", "127.0.0.1:")
+            .replace("0.0.0.0:", "127.0.0.1:")
+            .replace("[::]:", "[::1]:")
+    } else {
+        format!("127.0.0.1:{addr}")
+    }
+}
+
+/// 64 random bits as hex, without a random-number dependency.
+fn random_hex() -> String {
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.write_u32(std::process::id());
+    format!("{:016x}", hasher.finish())
+}
+
+fn show(key: &[u8]) -> String {
+    key.escape_ascii().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_and_listen_addresses() {
+        assert_eq!(
+            authority_of("http://127.0.0.1:8080").expect("ok"),
+            "127.0.0.1:8080"
+        );
+        assert_eq!(
+            authority_of("http://127.0.0.1:8080/").expect("ok"),
+            "127.0.0.1:8080"
+        );
+        assert_eq!(
+            authority_of("http://example.com").expect("ok"),
+            "example.com:80"
+        );
+        assert!(authority_of("https://example.com").is_err());
+        assert_eq!(connect_address("8080"), "127.0.0.1:8080");
+        assert_eq!(connect_address("0.0.0.0:80 reuseport"), "127.0.0.1:80");
+    }
+
+    #[test]
+    fn responses() {
+        let raw = b"HTTP/1.1 200 OK\r\nX-Cache: HIT\r\nContent-Length: 3\r\n\r\nabc";
+        let response = parse_response(raw).expect("parse");
+        assert_eq!((response.status, response.x_cache_hit), (200, true));
+        assert_eq!(response.body, b"abc");
+        let raw = b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n1\r\nc\r\n0\r\n\r\n";
+        let response = parse_response(raw).expect("parse");
+        assert_eq!((response.status, response.x_cache_hit), (404, false));
+        assert_eq!(response.body, b"abc");
+    }
 }

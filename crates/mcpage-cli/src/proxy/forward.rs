@@ -1,0 +1,331 @@
+//! The forwarding service under the layer: one request to the upstream over
+//! a keepalive pool, bodies streamed both ways, hop-by-hop headers removed.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::header::{CONNECTION, HOST, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+/// Idle upstream connections kept open, and for how long.
+const POOL_MAX_IDLE: usize = 64;
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+/// The backend, `http://host[:port]` without a path.
+#[derive(Debug, Clone)]
+pub(crate) struct Upstream {
+    authority: Authority,
+    /// As given, without a trailing slash: used in error messages and logs.
+    display: String,
+}
+
+impl Upstream {
+    /// Parse `text`; `source` names where it came from (`proxy.upstream`, `--upstream`).
+    pub(crate) fn parse(text: &str, source: &str) -> anyhow::Result<Upstream> {
+        let invalid =
+            |reason: &str| anyhow::anyhow!("invalid config `{source}`: `{text}` {reason}");
+        let uri: Uri = text
+            .trim()
+            .parse()
+            .map_err(|_| invalid("is not a URL such as http://127.0.0.1:8000"))?;
+        match uri.scheme() {
+            Some(scheme) if *scheme == Scheme::HTTP => {}
+            Some(scheme) if *scheme == Scheme::HTTPS => {
+                return Err(invalid(
+                    "uses https, which the proxy does not speak: run it next to the backend \
+                     and point it at the backend's plain http:// address",
+                ));
+            }
+            _ => return Err(invalid("must start with http://")),
+        }
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| invalid("has no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(invalid("must not contain credentials"));
+        }
+        if uri.path_and_query().is_some_and(|pq| pq.as_str() != "/") {
+            return Err(invalid(
+                "must not have a path or query: requests are forwarded with their own path",
+            ));
+        }
+        Ok(Upstream {
+            display: format!("http://{authority}"),
+            authority,
+        })
+    }
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.display)
+    }
+}
+
+/// Why the upstream gave no response; becomes a text response with `status`.
+#[derive(Debug)]
+pub(crate) struct UpstreamError {
+    /// 502, or 504 when the response head did not arrive in time.
+    pub(crate) status: StatusCode,
+    /// `mcpage proxy: upstream http://... unreachable: connection refused`
+    pub(crate) message: String,
+}
+
+/// The tower service that sends a request to the upstream.
+#[derive(Clone, Debug)]
+pub(crate) struct Forward {
+    client: Client<HttpConnector, Incoming>,
+    upstream: Arc<Upstream>,
+    head_timeout: Duration,
+}
+
+impl Forward {
+    /// A client with a keepalive pool; `head_timeout` bounds connecting plus
+    /// waiting for the response head (the body then streams without a limit).
+    pub(crate) fn new(upstream: Upstream, head_timeout: Duration) -> Forward {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(head_timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(POOL_MAX_IDLE)
+            .build(connector);
+        Forward {
+            client,
+            upstream: Arc::new(upstream),
+            head_timeout,
+        }
+    }
+
+    async fn forward(
+        self,
+        request: Request<Incoming>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let (mut parts, body) = request.into_parts();
+        // The raw target as received (`handle` only lets origin-form through).
+        let target = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(Scheme::HTTP);
+        uri.authority = Some(self.upstream.authority.clone());
+        uri.path_and_query = Some(target);
+        parts.uri = Uri::from_parts(uri).map_err(|error| UpstreamError {
+            status: StatusCode::BAD_REQUEST,
+            message: format!("mcpage proxy: cannot forward this request target: {error}"),
+        })?;
+        // Our own connection to the upstream: always HTTP/1.1 with keepalive.
+        parts.version = Version::HTTP_11;
+        let sent = self.client.request(Request::from_parts(parts, body));
+        match tokio::time::timeout(self.head_timeout, sent).await {
+            Ok(Ok(mut response)) => {
+                remove_hop_by_hop(response.headers_mut());
+                Ok(response)
+            }
+            Ok(Err(error)) => Err(self.failed(&error)),
+            Err(_elapsed) => Err(UpstreamError {
+                status: StatusCode::GATEWAY_TIMEOUT,
+                message: format!(
+                    "mcpage proxy: upstream {} did not answer within {} ms",
+                    self.upstream,
+                    self.head_timeout.as_millis()
+                ),
+            }),
+        }
+    }
+
+    fn failed(&self, error: &hyper_util::client::legacy::Error) -> UpstreamError {
+        let cause = root_cause(error);
+        let message = if error.is_connect() {
+            format!(
+                "mcpage proxy: upstream {} unreachable: {cause}",
+                self.upstream
+            )
+        } else {
+            format!("mcpage proxy: upstream {} failed: {cause}", self.upstream)
+        };
+        UpstreamError {
+            status: StatusCode::BAD_GATEWAY,
+            message,
+        }
+    }
+}
+
+impl tower::Service<Request<Incoming>> for Forward {
+    type Response = Response<Incoming>;
+    type Error = UpstreamError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Incoming>, UpstreamError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
+        // The pool dials on demand; there is no backpressure to report.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+        Box::pin(self.clone().forward(request))
+    }
+}
+
+/// The most specific reason in an error chain: an I/O error's kind when it
+/// is a common one (`connection refused`), else the innermost message.
+fn root_cause(error: &(dyn StdError + 'static)) -> String {
+    let mut current: &(dyn StdError + 'static) = error;
+    loop {
+        if let Some(io) = current.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            return match io.kind() {
+                ConnectionRefused | ConnectionReset | ConnectionAborted | TimedOut
+                | NotConnected | AddrNotAvailable | HostUnreachable | NetworkUnreachable
+                | BrokenPipe => io.kind().to_string(),
+                _ => io.to_string(),
+            };
+        }
+        match current.source() {
+            Some(source) => current = source,
+            None => return current.to_string(),
+        }
+    }
+}
+
+/// Remove the hop-by-hop headers of RFC 9110 §7.6.1: `Connection` and every
+/// header it names, `Keep-Alive`, `Proxy-*`, `TE`, `Trailer`,
+/// `Transfer-Encoding`, `Upgrade`. `Host` is never removed.
+pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .filter(|name| *name != HOST)
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    let proxy: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().starts_with("proxy-"))
+        .cloned()
+        .collect();
+    for name in proxy {
+        headers.remove(name);
+    }
+    for name in [
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        headers.remove(name);
+    }
+}
+
+/// Prepare a client's request for the upstream: drop hop-by-hop headers and
+/// `Expect` (this side already answered `100 Continue`), then append the
+/// peer to `X-Forwarded-For` (nginx's own value is kept in front).
+pub(crate) fn prepare_request_headers(headers: &mut HeaderMap, peer: IpAddr) {
+    remove_hop_by_hop(headers);
+    headers.remove(http::header::EXPECT);
+    let peer = peer.to_canonical().to_string();
+    let mut chain: Vec<String> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .map(|value| String::from_utf8_lossy(value.as_bytes()).trim().to_owned())
+        .filter(|value| !value.is_empty())
+        .collect();
+    chain.push(peer);
+    // Built from a valid header value plus an IP address: always valid.
+    if let Ok(value) = HeaderValue::from_str(&chain.join(", ")) {
+        headers.insert(X_FORWARDED_FOR.clone(), value);
+    } else if let Ok(value) = HeaderValue::from_str(chain.last().map_or("", String::as_str)) {
+        headers.insert(X_FORWARDED_FOR.clone(), value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_urls() {
+        let ok = Upstream::parse("http://127.0.0.1:8000", "proxy.upstream").expect("plain");
+        assert_eq!(ok.to_string(), "http://127.0.0.1:8000");
+        let ok = Upstream::parse("http://localhost:8000/", "proxy.upstream").expect("slash");
+        assert_eq!(ok.to_string(), "http://localhost:8000");
+        for (bad, needle) in [
+            ("https://127.0.0.1:8443", "https"),
+            ("127.0.0.1:8000", "http://"),
+            ("ftp://x", "http://"),
+            ("http://127.0.0.1:8000/app", "path"),
+            ("http://u:p@127.0.0.1:8000", "credentials"),
+            ("not a url", "not a URL"),
+        ] {
+            let error = Upstream::parse(bad, "--upstream")
+                .expect_err(bad)
+                .to_string();
+            assert!(error.contains("`--upstream`"), "{error}");
+            assert!(error.contains(needle), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("connection", "keep-alive, X-Secret, host"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-authorization", "Basic x"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("trailer", "x-checksum"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("host", "example.org"),
+            ("x-forwarded-for", "203.0.113.7"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("expect", "100-continue"),
+            ("cookie", "a=b"),
+        ] {
+            headers.append(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        prepare_request_headers(&mut headers, "::ffff:127.0.0.1".parse().expect("ip"));
+        let mut left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["cookie", "host", "x-forwarded-for"]);
+        assert_eq!(
+            headers["x-forwarded-for"],
+            "203.0.113.7, 10.0.0.1, 127.0.0.1"
+        );
+    }
+
+    #[test]
+    fn root_cause_names_the_io_error() {
+        let io = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(root_cause(&io), "connection refused");
+        let other = std::io::Error::other("name or service not known");
+        assert_eq!(root_cause(&other), "name or service not known");
+    }
+}

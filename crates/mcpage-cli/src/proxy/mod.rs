@@ -1,0 +1,260 @@
+//! `mcpage proxy`: the page cache in front of any HTTP backend.
+//!
+//! ```text
+//! nginx ──miss──▶ mcpage proxy (PageCacheLayer) ──▶ backend (Django, Rails, ...)
+//!                      └─ stores pages tagged by the backend's `X-Cache-Tags` header
+//! ```
+//!
+//! A tower stack: [`forward::Forward`] (hyper-util's pooled client, bodies
+//! streamed both ways) wrapped in [`mcpage::PageCacheLayer`]. The admin paths
+//! under `/_mcpage/` ([`admin`]) are answered before the layer and never cached
+//! or forwarded. SIGINT/SIGTERM stop accepting, let in-flight requests finish
+//! (bounded), then wait for background page writes.
+
+mod admin;
+mod forward;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use mcpage::layer::PageBody;
+use mcpage::{Cache, PageCache, PageCacheLayer};
+use tokio::net::TcpListener;
+use tower::{Layer as _, ServiceExt as _};
+
+use forward::{Forward, Upstream};
+
+/// How long a client may take to send a request head.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// After a shutdown signal: how long in-flight requests may take to finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Then: how long background page writes may take to finish.
+const SETTLE_GRACE: Duration = Duration::from_secs(5);
+/// Pause after a failed `accept` (say, out of file descriptors).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Arguments of `mcpage proxy`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// Address to listen on [default: `proxy.listen` from the config, 127.0.0.1:8081].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// The backend, `http://host:port` (plain HTTP only) [default: `proxy.upstream`].
+    #[arg(long, value_name = "URL")]
+    upstream: Option<String>,
+    /// How long to wait for the backend to connect and send its response head
+    /// before answering 504.
+    #[arg(long, value_name = "MS", default_value_t = 30_000)]
+    upstream_timeout_ms: u64,
+}
+
+/// The body of every response: the layer's (the backend's, possibly buffered)
+/// or one the proxy wrote itself.
+type ProxyBody = Either<PageBody<Incoming>, Full<Bytes>>;
+
+/// Shared by every connection.
+#[derive(Debug)]
+pub(crate) struct State {
+    cache: Cache,
+    service: PageCache<Forward>,
+    token: Option<admin::Token>,
+    upstream_errors: AtomicU64,
+}
+
+/// Run the proxy until SIGINT or SIGTERM.
+pub(crate) async fn run(config: &mcpage::Config, args: Args) -> anyhow::Result<ExitCode> {
+    let (upstream, source) = match &args.upstream {
+        Some(url) => (url.as_str(), "--upstream"),
+        None => (config.proxy.upstream.as_str(), "proxy.upstream"),
+    };
+    let upstream = match Upstream::parse(upstream, source) {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            // A configuration error, reported like the others in main.
+            eprintln!("mcpage: {error:#}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    if args.upstream_timeout_ms == 0 {
+        eprintln!("mcpage: invalid `--upstream-timeout-ms`: must be at least 1");
+        return Ok(ExitCode::from(2));
+    }
+    let listen = args.listen.as_deref().unwrap_or(&config.proxy.listen);
+
+    // Before binding: a signal that arrives once we listen must not kill us.
+    let mut shutdown = std::pin::pin!(shutdown_signal()?);
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let local = listener.local_addr().context("listening address")?;
+
+    let cache = Cache::connect(config).await?;
+    let upstream_text = upstream.to_string();
+    let forward = Forward::new(upstream, Duration::from_millis(args.upstream_timeout_ms));
+    let state = Arc::new(State {
+        service: PageCacheLayer::new(cache.clone()).layer(forward),
+        token: admin::Token::new(config.proxy.invalidate_token.as_deref()),
+        cache,
+        upstream_errors: AtomicU64::new(0),
+    });
+    tracing::info!(
+        "mcpage proxy listening on http://{local}, upstream {upstream_text}, memcached {}{}{}",
+        servers(&config.memcached.servers),
+        if config.memcached.index_servers.is_empty() {
+            String::new()
+        } else {
+            format!(", tag index {}", servers(&config.memcached.index_servers))
+        },
+        if state.token.is_some() {
+            ", invalidate endpoint on"
+        } else {
+            ", invalidate endpoint off (no proxy.invalidate_token)"
+        },
+    );
+
+    let graceful = GracefulShutdown::new();
+    let signal = loop {
+        tokio::select! {
+            biased;
+            signal = &mut shutdown => break signal,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    serve_connection(&graceful, &state, stream, peer);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            },
+        }
+    };
+    drop(listener);
+    let in_flight = graceful.count();
+    tracing::info!(
+        signal,
+        connections = in_flight,
+        "shutting down: no new connections, finishing in-flight requests"
+    );
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("in-flight requests still running after {SHUTDOWN_GRACE:?}: closing them");
+    }
+    if tokio::time::timeout(SETTLE_GRACE, state.cache.settle())
+        .await
+        .is_err()
+    {
+        tracing::warn!("background page writes still running after {SETTLE_GRACE:?}: dropped");
+    }
+    tracing::info!("mcpage proxy stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn servers(servers: &[mcpage::config::ServerSpec]) -> String {
+    servers
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Resolves with the name of the first SIGINT or SIGTERM.
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = &'static str>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
+    let mut terminate = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => "SIGINT",
+            _ = terminate.recv() => "SIGTERM",
+        }
+    })
+}
+
+fn serve_connection(
+    graceful: &GracefulShutdown,
+    state: &Arc<State>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+) {
+    let state = Arc::clone(state);
+    let service = service_fn(move |request| handle(Arc::clone(&state), peer, request));
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(stream), service);
+    let connection = graceful.watch(connection);
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, %peer, "connection ended with an error");
+        }
+    });
+}
+
+/// One request: admin path, or through the layer to the upstream.
+async fn handle(
+    state: Arc<State>,
+    peer: SocketAddr,
+    mut request: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    if request.uri().path().starts_with("/_mcpage/") {
+        return Ok(admin::handle(&state, request).await.map(Either::Right));
+    }
+    if request.method() == Method::CONNECT {
+        return Ok(text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "mcpage proxy: CONNECT is not supported\n",
+        ));
+    }
+    // Origin form (`/path?query`) only; absolute form is reduced to it by hyper's
+    // parser keeping path and query, `*` (OPTIONS) has no page and no backend use here.
+    if !request
+        .uri()
+        .path_and_query()
+        .is_some_and(|pq| pq.as_str().starts_with('/'))
+    {
+        return Ok(text(
+            StatusCode::BAD_REQUEST,
+            "mcpage proxy: unsupported request target\n",
+        ));
+    }
+    // Before the layer: it judges the request the backend will see.
+    forward::prepare_request_headers(request.headers_mut(), peer.ip());
+    match state.service.clone().oneshot(request).await {
+        Ok(response) => Ok(response.map(Either::Left)),
+        Err(error) => {
+            state.upstream_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(status = error.status.as_u16(), "{}", error.message);
+            let mut body = error.message;
+            body.push('\n');
+            Ok(text(error.status, body))
+        }
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
+    let mut response = Response::new(Either::Right(Full::new(body.into())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
