@@ -731,12 +731,10 @@ async fn concurrent_misses_for_one_key_render_once() {
     let mut leader: Call = request();
     let started = site.started.notified();
     tokio::pin!(started);
-    loop {
-        tokio::select! {
-            biased;
-            _ = &mut started => break,
-            _ = &mut leader => panic!("the leader finished before it was released"),
-        }
+    tokio::select! {
+        biased;
+        _ = &mut started => {}
+        _ = &mut leader => panic!("the leader finished before it was released"),
     }
     // Every follower is polled once, which makes it join the leader's flight.
     let mut followers: Vec<Call> = (0..99).map(|_| -> Call { request() }).collect();
@@ -762,4 +760,57 @@ async fn concurrent_misses_for_one_key_render_once() {
         "100 concurrent misses, one render"
     );
     assert_eq!(cache.stats().shared, 99);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_mode_never_serves_one_hosts_page_for_another() {
+    let stack = Stack::start(2, |c| {
+        c.keys.host = true;
+        c.cache.allowed_hosts = vec!["a.test".to_owned(), "b.test".to_owned()];
+    })
+    .await;
+    let authority = stack.nginx.address().to_owned();
+    let fetch = |host: &'static str, target: &'static str| {
+        let authority = authority.clone();
+        async move {
+            mcpage_tests::request_target(
+                "GET",
+                &authority,
+                target.as_bytes(),
+                &[("host", host)],
+                b"",
+            )
+            .await
+            .expect("request")
+        }
+    };
+    let a = fetch("a.test", "/page").await;
+    assert_eq!(x_cache(&a), "MISS");
+    stack.cache.settle().await;
+    assert_eq!(
+        x_cache(&fetch("A.test:8080", "/page").await),
+        "HIT",
+        "$host is lowercased, port dropped"
+    );
+    // Another allowed host has its own key; a host that is not allowed is never cached.
+    assert_eq!(x_cache(&fetch("b.test", "/page").await), "MISS");
+    for _ in 0..2 {
+        assert_eq!(x_cache(&fetch("evil.test", "/page").await), "BYPASS");
+    }
+    // An absolute-form target names its own host, whatever the Host header says.
+    let absolute = fetch("a.test", "http://evil.test/page").await;
+    assert_ne!(x_cache(&absolute), "HIT");
+    stack.cache.settle().await;
+    let keys: Vec<Vec<u8>> = stack
+        .memcached
+        .iter()
+        .flat_map(|m| m.keys())
+        .filter(|k| !k.starts_with(b"mcpage:"))
+        .collect();
+    let mut keys: Vec<String> = keys
+        .iter()
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .collect();
+    keys.sort();
+    assert_eq!(keys, ["a.test/page", "b.test/page"]);
 }

@@ -207,16 +207,28 @@ impl Cache {
     /// used in host mode (`keys.host`) and checked against `cache.allowed_hosts`.
     pub fn classify(&self, host: Option<&[u8]>, target: &[u8]) -> Result<PageKey, Bypass> {
         let inner = &self.inner;
-        let host = if inner.config.keys.host {
-            let normalized = host.and_then(crate::key::nginx_host).ok_or(Bypass::Host)?;
-            if !inner.compiled.allowed_hosts.contains(&normalized) {
+        let host_mode = inner.config.keys.host;
+        if host_mode && host.is_none() && target.first() == Some(&b'/') {
+            return Err(Bypass::Host);
+        }
+        let key = self.page_key(host, target)?;
+        if host_mode {
+            // Check the host the key was built from (an absolute-form target's
+            // own host wins over the Host header, as in nginx's $host).
+            let rest = key
+                .value
+                .get(inner.config.keys.prefix.len()..)
+                .unwrap_or_default();
+            let keyed_host = rest.split(|b| *b == b'/').next().unwrap_or_default();
+            if !inner
+                .compiled
+                .allowed_hosts
+                .iter()
+                .any(|allowed| allowed == keyed_host)
+            {
                 return Err(Bypass::Host);
             }
-            host
-        } else {
-            None
-        };
-        let key = self.page_key(host, target)?;
+        }
         crate::policy::check_path(&inner.compiled, &key.uri)?;
         Ok(key)
     }
@@ -461,11 +473,18 @@ impl Cache {
                 message: format!("page store answered {:?}", stored.status),
             });
         }
-        if self.invalidated_since(page).await {
-            server.run(Mode::Always, Delete::new(&page.key.key)).await?;
-            return Ok(Written::Retracted);
+        match self.invalidated_since(page).await {
+            Ok(false) => Ok(Written::Stored),
+            Ok(true) => {
+                server.run(Mode::Always, Delete::new(&page.key.key)).await?;
+                Ok(Written::Retracted)
+            }
+            Err(error) => {
+                // Cannot tell whether an invalidation overlapped: do not keep it.
+                server.run(Mode::Always, Delete::new(&page.key.key)).await?;
+                Err(error)
+            }
         }
-        Ok(Written::Stored)
     }
 
     fn encode_body(&self, body: &Bytes) -> Result<(Vec<u8>, u32)> {
@@ -495,25 +514,23 @@ impl Cache {
     }
 
     /// Did an invalidation of one of the page's tags, of its URL, or a purge
-    /// advance past the clock read before the render? Unreadable counts as yes.
-    async fn invalidated_since(&self, page: &PageWrite) -> bool {
+    /// advance past the clock read before the render? An error when a clock cannot be read.
+    async fn invalidated_since(&self, page: &PageWrite) -> Result<bool> {
         let ik = &self.inner.index_keys;
         let mut keys: Vec<Vec<u8>> = page.tags.iter().map(|tag| ik.tag_clock(tag)).collect();
         keys.push(ik.url_clock(&page.key.key));
         keys.push(ik.purge_clock());
         let ops = keys.into_iter().map(|k| (k.clone(), Get::new(k))).collect();
-        self.inner
-            .index
-            .run_routed(Mode::Always, ops)
-            .await
-            .iter()
-            .any(|result| match result {
-                Ok(r) if r.hit() => {
-                    parse_clock(r.value.as_deref()).is_none_or(|tc| tc > page.clock)
-                }
-                Ok(_) => false,
-                Err(_) => true,
-            })
+        let mut invalidated = false;
+        for result in self.inner.index.run_routed(Mode::Always, ops).await {
+            let result = result?;
+            if result.hit() {
+                // An unreadable clock counts as advanced.
+                invalidated |=
+                    parse_clock(result.value.as_deref()).is_none_or(|tc| tc > page.clock);
+            }
+        }
+        Ok(invalidated)
     }
 
     /// Append the page key to one shard of every tag, compacting shards that

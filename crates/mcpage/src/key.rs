@@ -670,6 +670,10 @@ struct Target<'a> {
 /// Splits a request target into the part nginx normalizes and, for
 /// absolute-form, the request-line host.
 fn split_target(target: &[u8]) -> Result<Target<'_>, KeySkip> {
+    // nginx's request-line parser answers 400 for raw control bytes, space and DEL.
+    if target.iter().any(|&c| c <= b' ' || c == 0x7f) {
+        return Err(KeySkip::BadRequest);
+    }
     match target.first() {
         Some(b'/') => {
             return Ok(Target {
@@ -975,10 +979,18 @@ mod tests {
         let k = include.page_key(None, b"/about?").expect("ok");
         assert_eq!(k.value, b"/about?");
         let k = include
-            .page_key(None, b"/a//b/../c?x=%20y&z=1 2#f")
+            .page_key(None, b"/a//b/../c?x=%20y&z=1+2#f")
             .expect("ok");
-        assert_eq!(k.value, b"/a/c?x=%20y&z=1 2");
-        assert_eq!(k.key, b"/a/c?x=%2520y&z=1%202");
+        assert_eq!(k.value, b"/a/c?x=%20y&z=1+2");
+        assert_eq!(k.key, b"/a/c?x=%2520y&z=1+2");
+        // Raw spaces and control bytes never reach $uri: nginx answers 400.
+        for raw in [&b"/a b"[..], b"/a\tb", b"/a?x=1 2", b"/\x7f"] {
+            assert_eq!(
+                include.page_key(None, raw),
+                Err(KeySkip::BadRequest),
+                "{raw:?}"
+            );
+        }
         assert_eq!(k.uri, b"/a/c");
         assert_eq!(include.page_key(None, b"/../x?y"), Err(KeySkip::BadRequest));
     }
