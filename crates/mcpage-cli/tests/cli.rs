@@ -402,11 +402,10 @@ fn hex(bytes: &[u8]) -> String {
 
 #[test]
 fn explain_agrees_with_the_reference_model() {
-    let reference = workspace_root().join("../shared/reference");
+    let reference = workspace_root().join("reference");
     assert!(
         reference.join("nginx_reference.py").is_file(),
-        "the reference model {}/nginx_reference.py is missing: it ships with the mcpage \
-         design documents (shared/reference/ beside this repository)",
+        "the reference model {}/nginx_reference.py is missing (reference/ at the workspace root)",
         reference.display()
     );
 
