@@ -43,7 +43,7 @@ pub(crate) async fn run(config: &Config, args: Args) -> anyhow::Result<ExitCode>
         .context("cannot set up the memcached pools")?;
     // Every URL must map to a key before anything is removed.
     for url in &args.urls {
-        let (host, target) = split_url(url);
+        let (host, target) = mcpage::key::split_url(url);
         if let Err(skip) = cache.page_key(host.map(str::as_bytes), target.as_bytes()) {
             eprintln!(
                 "mcpage invalidate: --url `{url}` has no cache key ({}): such pages are never cached",
@@ -168,20 +168,6 @@ fn pages_text(n: usize) -> String {
     } else {
         format!("{n} pages")
     }
-}
-
-/// `http://host/path?q` → (Some(host), "/path?q"); `/path` → (None, "/path"),
-/// as the library reads URLs (host mode).
-fn split_url(url: &str) -> (Option<&str>, &str) {
-    for scheme in ["http://", "https://"] {
-        if let Some(rest) = url.strip_prefix(scheme) {
-            return match rest.find('/') {
-                Some(slash) => (Some(&rest[..slash]), &rest[slash..]),
-                None => (Some(rest), "/"),
-            };
-        }
-    }
-    (None, url)
 }
 
 #[cfg(test)]

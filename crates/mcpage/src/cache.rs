@@ -292,7 +292,7 @@ impl Cache {
         I: IntoIterator<Item = T>,
         T: Into<String>,
     {
-        let (host, path) = crate::invalidate::split_url(target);
+        let (host, path) = crate::key::split_url(target);
         let key = self
             .page_key(host.map(str::as_bytes), path.as_bytes())
             .map_err(|skip| {

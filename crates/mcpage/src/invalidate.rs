@@ -219,7 +219,7 @@ impl Invalidator {
         }
         let mut page_keys = Vec::with_capacity(urls.len());
         for url in urls {
-            let (host, target) = split_url(url);
+            let (host, target) = crate::key::split_url(url);
             let key = self
                 .cache
                 .page_key(host.map(str::as_bytes), target.as_bytes())
@@ -427,19 +427,6 @@ fn unique(items: impl Iterator<Item = String>) -> Vec<String> {
     set.into_iter().collect()
 }
 
-/// `http://host/path?q` → (Some(host), "/path?q"); `/path` → (None, "/path").
-pub(crate) fn split_url(url: &str) -> (Option<&str>, &str) {
-    for scheme in ["http://", "https://"] {
-        if let Some(rest) = url.strip_prefix(scheme) {
-            return match rest.find('/') {
-                Some(slash) => (Some(&rest[..slash]), &rest[slash..]),
-                None => (Some(rest), "/"),
-            };
-        }
-    }
-    (None, url)
-}
-
 /// The raw key of a `lru_crawler metadump` line (`key=<uri-encoded> exp=...`).
 pub(crate) fn metadump_key(line: &[u8]) -> Option<Vec<u8>> {
     let encoded = line.strip_prefix(b"key=")?.split(|b| *b == b' ').next()?;
@@ -489,16 +476,6 @@ mod tests {
         );
         assert_eq!(metadump_key(b"END"), None);
         assert_eq!(metadump_key(b"key=%2 exp"), None);
-    }
-
-    #[test]
-    fn url_splitting() {
-        assert_eq!(split_url("/a//b"), (None, "/a//b"));
-        assert_eq!(
-            split_url("http://example.com/x?y"),
-            (Some("example.com"), "/x?y")
-        );
-        assert_eq!(split_url("https://example.com"), (Some("example.com"), "/"));
     }
 
     #[test]

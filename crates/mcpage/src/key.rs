@@ -754,6 +754,20 @@ fn request_line_host_ok(authority: &[u8]) -> bool {
     }
 }
 
+/// A URL as a user writes it, for invalidation and probes: `http://host/path?q`
+/// → (Some(host), "/path?q"); `/path` → (None, "/path").
+pub fn split_url(url: &str) -> (Option<&str>, &str) {
+    for scheme in ["http://", "https://"] {
+        if let Some(rest) = url.strip_prefix(scheme) {
+            return match rest.find('/') {
+                Some(slash) => (Some(&rest[..slash]), &rest[slash..]),
+                None => (Some(rest), "/"),
+            };
+        }
+    }
+    (None, url)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -761,6 +775,16 @@ mod tests {
 
     fn uri(t: &[u8]) -> Option<Vec<u8>> {
         nginx_uri(t, true).ok().map(|u| u.uri)
+    }
+
+    #[test]
+    fn url_splitting() {
+        assert_eq!(split_url("/a//b"), (None, "/a//b"));
+        assert_eq!(
+            split_url("http://example.com/x?y"),
+            (Some("example.com"), "/x?y")
+        );
+        assert_eq!(split_url("https://example.com"), (Some("example.com"), "/"));
     }
 
     #[test]

@@ -257,18 +257,11 @@ impl Pool {
         mode: Mode,
         ops: Vec<(Vec<u8>, O)>,
     ) -> Vec<Result<O::Output>> {
-        let mut groups: Vec<(Vec<usize>, Vec<O>)> = self
-            .servers
-            .iter()
-            .map(|_| (Vec::new(), Vec::new()))
+        let ops = ops
+            .into_iter()
+            .map(|(value, op)| (self.ring.pick(&value), op))
             .collect();
-        let count = ops.len();
-        for (position, (value, op)) in ops.into_iter().enumerate() {
-            let group = &mut groups[self.ring.pick(&value)];
-            group.0.push(position);
-            group.1.push(op);
-        }
-        self.run_grouped(mode, groups, count).await
+        self.run_on(mode, ops).await
     }
 
     /// Like [`run_routed`](Self::run_routed) with the server index given.
