@@ -542,7 +542,7 @@ impl Cache {
         let ik = &self.inner.index_keys;
         let max = self.inner.config.cache.index_shard_max_bytes;
         let ttl = self.index_ttl();
-        let record = tags::record(&page.key.key);
+        let record = tags::record(&page.key.key, page.clock);
         let shards: Vec<Vec<u8>> = page
             .tags
             .iter()
@@ -568,7 +568,10 @@ impl Cache {
             let compacted = probe.client_flags.unwrap_or(0) as usize;
             let mut size = if probe.hit() { size } else { 0 };
             if size + record.len() > max || tags::needs_compaction(size, compacted, record.len()) {
-                match self.compact_shard(shard, &record, ttl).await? {
+                match self
+                    .compact_shard(shard, &page.key.key, page.clock, ttl)
+                    .await?
+                {
                     Compacted::AlreadyListed => continue,
                     Compacted::Size(new) => size = new,
                 }
@@ -628,9 +631,16 @@ impl Cache {
         })
     }
 
-    /// Remove duplicate records from a shard, CAS-guarded so a concurrent
-    /// append or invalidation is never overwritten.
-    async fn compact_shard(&self, shard: &[u8], record: &[u8], ttl: u32) -> Result<Compacted> {
+    /// Keep one record per page (its latest clock), CAS-guarded so a
+    /// concurrent append or invalidation is never overwritten. Tells whether the
+    /// page is already listed at `clock` or later (then no append is needed).
+    async fn compact_shard(
+        &self,
+        shard: &[u8],
+        page_key: &[u8],
+        clock: u64,
+        ttl: u32,
+    ) -> Result<Compacted> {
         let server = self.inner.index.route(shard);
         for _ in 0..4 {
             let current = server
@@ -640,7 +650,7 @@ impl Cache {
                 return Ok(Compacted::Size(0));
             };
             let compacted = tags::compact(value);
-            let listed = tags::entries(&compacted).any(|e| e == &record[..record.len() - 1]);
+            let listed = tags::lists(&compacted, page_key, clock);
             if compacted.len() == value.len() {
                 return Ok(if listed {
                     Compacted::AlreadyListed

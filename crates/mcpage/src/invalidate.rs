@@ -80,8 +80,8 @@ impl Failures {
 }
 
 /// How many times a shard is re-read when writers keep appending to it while
-/// it is being cleared. Entries appended after the first read belong to renders
-/// that recheck the clock themselves, so giving up only leaves garbage.
+/// it is being cleared. Giving up leaves records of deleted pages behind: only
+/// garbage (a few bytes, a few extra deletes next time), never a lost record.
 const SHARD_CLEAR_ROUNDS: usize = 5;
 
 /// `lru_crawler metadump` may take a while on a big server.
@@ -169,7 +169,8 @@ impl Invalidator {
             .map(|(_, key)| (key.clone(), Get::new(key).meta(Meta::NONE.cas())))
             .collect();
         let mut pages_by_tag: Vec<HashSet<Vec<u8>>> = vec![HashSet::new(); tags.len()];
-        let mut shards: Vec<(Vec<u8>, u64, Vec<Vec<u8>>)> = Vec::new();
+        // (shard key, CAS, value) of every non-empty shard read.
+        let mut shards: Vec<(Vec<u8>, u64, Vec<u8>)> = Vec::new();
         for ((t, key), result) in shard_keys
             .into_iter()
             .zip(inner.index.run_routed(Mode::Always, reads).await)
@@ -178,9 +179,8 @@ impl Invalidator {
                 continue;
             };
             if let (Some(value), Some(cas)) = (result.value, result.item.cas) {
-                let listed: Vec<Vec<u8>> = tags::entries(&value).map(<[u8]>::to_vec).collect();
-                pages_by_tag[t].extend(listed.iter().cloned());
-                shards.push((key, cas, listed));
+                pages_by_tag[t].extend(tags::entries(&value).map(|(page, _)| page.to_vec()));
+                shards.push((key, cas, value));
             }
         }
 
@@ -200,11 +200,11 @@ impl Invalidator {
             })
             .collect();
 
-        // Forget the records whose pages are confirmed gone; CAS-guarded so a
-        // registration that raced in is kept (or handled on the next round).
-        for (shard, cas, listed) in shards {
-            if listed.iter().all(|page| deleted.confirmed.contains(page)) {
-                self.clear_shard(&shard, cas, &mut failures).await;
+        // Forget the records whose pages are confirmed gone, and only those.
+        for (shard, cas, value) in shards {
+            if tags::entries(&value).all(|(page, _)| deleted.confirmed.contains(page)) {
+                self.clear_shard(&shard, value, cas, clock, &mut failures)
+                    .await;
             }
         }
         failures.finish(Removed {
@@ -379,20 +379,34 @@ impl Invalidator {
         deleted
     }
 
-    /// Delete an index shard if it is unchanged since it was read; otherwise
-    /// delete the pages that were appended meanwhile and try again.
-    async fn clear_shard(&self, shard: &[u8], mut cas: u64, failures: &mut Failures) {
+    /// Drop the records of renders that started before this invalidation
+    /// (`clock`), keeping any that started after it, whenever they registered
+    /// (see [`tags::record`]). CAS-guarded: a concurrent append or compaction
+    /// makes it re-read and filter again.
+    async fn clear_shard(
+        &self,
+        shard: &[u8],
+        mut value: Vec<u8>,
+        mut cas: u64,
+        clock: u64,
+        failures: &mut Failures,
+    ) {
         let server = self.cache.inner.index.route(shard);
         for _ in 0..SHARD_CLEAR_ROUNDS {
-            let Some(result) = failures.check(
+            let kept = tags::retain_since(&value, clock);
+            let result = if kept.is_empty() {
                 server
                     .run(Mode::Always, Delete::new(shard).compare_cas(cas))
-                    .await,
-            ) else {
-                return;
+                    .await
+            } else {
+                let set = Set::new(shard, kept)
+                    .ttl(Ttl::secs(self.cache.index_ttl()))
+                    .compare_cas(cas);
+                server.run(Mode::Always, set).await
             };
-            if result.status != MutationStatus::CasMismatch {
-                return;
+            match failures.check(result) {
+                Some(result) if result.status == MutationStatus::CasMismatch => {}
+                _ => return,
             }
             let Some(current) = failures.check(
                 server
@@ -401,15 +415,10 @@ impl Invalidator {
             ) else {
                 return;
             };
-            let (Some(value), Some(new_cas)) = (current.value, current.item.cas) else {
+            let (Some(current), Some(current_cas)) = (current.value, current.item.cas) else {
                 return;
             };
-            let listed: HashSet<Vec<u8>> = tags::entries(&value).map(<[u8]>::to_vec).collect();
-            let deleted = self.delete_pages(listed.clone(), failures).await;
-            if deleted.confirmed.len() != listed.len() {
-                return;
-            }
-            cas = new_cas;
+            (value, cas) = (current, current_cas);
         }
     }
 }

@@ -88,32 +88,82 @@ impl IndexKeys {
     }
 }
 
-/// One index record for a page key.
-pub(crate) fn record(page_key: &[u8]) -> Vec<u8> {
-    let mut record = Vec::with_capacity(page_key.len() + 1);
+/// One index record: the page key and the clock the render read before it
+/// started (`K G\n`; K never contains a space or a newline).
+///
+/// The clock is what makes clearing safe: an invalidation at clock C removes
+/// only records with G < C. Those renders started before it, so their pages are
+/// gone (deleted by it, or by the render's own re-check). A record with G >= C
+/// belongs to a render of committed data whose page must stay findable by the
+/// next invalidation, even if it registered while this one was running.
+pub(crate) fn record(page_key: &[u8], clock: u64) -> Vec<u8> {
+    let mut record = Vec::with_capacity(page_key.len() + 22);
     record.extend_from_slice(page_key);
+    record.push(b' ');
+    record.extend_from_slice(clock.to_string().as_bytes());
     record.push(b'\n');
     record
 }
 
-/// The page keys listed in an index item (duplicates included).
-pub(crate) fn entries(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+/// The records of an index item as (page key, clock), duplicates included.
+/// A record without a clock reads as clock 0 (removed by any invalidation).
+pub(crate) fn entries(value: &[u8]) -> impl Iterator<Item = (&[u8], u64)> {
     value
         .split(|b| *b == b'\n')
         .filter(|entry| !entry.is_empty())
+        .map(|entry| match entry.iter().rposition(|b| *b == b' ') {
+            Some(space) => {
+                let clock = std::str::from_utf8(&entry[space + 1..])
+                    .ok()
+                    .and_then(|c| c.parse().ok());
+                (&entry[..space], clock.unwrap_or(0))
+            }
+            None => (entry, 0),
+        })
 }
 
-/// The item without duplicate records, first occurrence kept.
+fn push_record(out: &mut Vec<u8>, page_key: &[u8], clock: u64) {
+    out.extend_from_slice(&record(page_key, clock));
+}
+
+/// One record per page key, with its highest clock, in first-seen order.
 pub(crate) fn compact(value: &[u8]) -> Vec<u8> {
-    let mut seen = std::collections::HashSet::new();
+    let mut order: Vec<&[u8]> = Vec::new();
+    let mut latest: std::collections::HashMap<&[u8], u64> = std::collections::HashMap::new();
+    for (key, clock) in entries(value) {
+        match latest.entry(key) {
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                if clock > *e.get() {
+                    e.insert(clock);
+                }
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(clock);
+                order.push(key);
+            }
+        }
+    }
     let mut out = Vec::with_capacity(value.len());
-    for entry in entries(value) {
-        if seen.insert(entry) {
-            out.extend_from_slice(entry);
-            out.push(b'\n');
+    for key in order {
+        push_record(&mut out, key, latest[key]);
+    }
+    out
+}
+
+/// The records an invalidation at `clock` must keep: renders that started after it.
+pub(crate) fn retain_since(value: &[u8], clock: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (key, g) in entries(value) {
+        if g >= clock {
+            push_record(&mut out, key, g);
         }
     }
     out
+}
+
+/// Does the item already list `page_key` with a clock of at least `clock`?
+pub(crate) fn lists(value: &[u8], page_key: &[u8], clock: u64) -> bool {
+    entries(value).any(|(key, g)| key == page_key && g >= clock)
 }
 
 /// Should a writer compact an item of `size` bytes whose last compaction left
@@ -173,10 +223,24 @@ mod tests {
     }
 
     #[test]
-    fn compaction_keeps_first_occurrences() {
-        assert_eq!(compact(b"/a\n/b\n/a\n\n/c\n/b\n"), b"/a\n/b\n/c\n");
+    fn compaction_keeps_one_record_per_page_with_its_latest_clock() {
+        assert_eq!(
+            compact(b"/a 1\n/b 5\n/a 3\n\n/c 2\n/b 4\n"),
+            b"/a 3\n/b 5\n/c 2\n"
+        );
         assert_eq!(compact(b""), b"");
-        assert_eq!(entries(b"/a\n/b\n").count(), 2);
+        assert_eq!(
+            entries(b"/a 1\n/b\n").collect::<Vec<_>>(),
+            vec![(&b"/a"[..], 1), (&b"/b"[..], 0)]
+        );
+    }
+
+    #[test]
+    fn invalidation_keeps_only_renders_that_started_after_it() {
+        assert_eq!(retain_since(b"/a 1\n/b 5\n/c 7\n", 5), b"/b 5\n/c 7\n");
+        assert_eq!(retain_since(b"/a 1\n", 5), b"");
+        assert!(lists(b"/a 1\n/b 5\n", b"/b", 5));
+        assert!(!lists(b"/a 1\n/b 5\n", b"/a", 5));
     }
 
     #[test]
@@ -205,13 +269,16 @@ mod tests {
 
     proptest! {
         #[test]
-        fn compact_is_idempotent_and_keeps_every_entry(keys in proptest::collection::vec("[a-z/]{1,8}", 0..50)) {
-            let value: Vec<u8> = keys.iter().flat_map(|k| record(k.as_bytes())).collect();
+        fn compact_is_idempotent_and_keeps_every_page_at_its_latest_clock(
+            records in proptest::collection::vec(("[a-z/]{1,8}", 0u64..100), 0..50)
+        ) {
+            let value: Vec<u8> = records.iter().flat_map(|(k, g)| record(k.as_bytes(), *g)).collect();
             let once = compact(&value);
             prop_assert_eq!(compact(&once), once.clone());
-            let set: std::collections::HashSet<&[u8]> = entries(&value).collect();
-            let compacted: std::collections::HashSet<&[u8]> = entries(&once).collect();
-            prop_assert_eq!(set, compacted);
+            for (key, g) in entries(&value) {
+                prop_assert!(lists(&once, key, g), "compaction lost {:?} at {}", key, g);
+            }
+            prop_assert_eq!(entries(&once).count(), entries(&once).map(|(k, _)| k).collect::<std::collections::HashSet<_>>().len());
         }
 
         #[test]
