@@ -17,12 +17,14 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use mcpage::layer::SkipCache;
 
 /// Idle upstream connections kept open, and for how long.
 const POOL_MAX_IDLE: usize = 64;
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_CACHE_TAGS: HeaderName = HeaderName::from_static("x-cache-tags");
 
 /// The backend, `http://host[:port]` without a path.
 #[derive(Debug, Clone)]
@@ -91,12 +93,15 @@ pub(crate) struct Forward {
     client: Client<HttpConnector, Incoming>,
     upstream: Arc<Upstream>,
     head_timeout: Duration,
+    cache_untagged: bool,
 }
 
 impl Forward {
     /// A client with a keepalive pool; `head_timeout` bounds connecting plus
     /// waiting for the response head (the body then streams without a limit).
-    pub(crate) fn new(upstream: Upstream, head_timeout: Duration) -> Forward {
+    /// Unless `cache_untagged`, a response without an `X-Cache-Tags` header is
+    /// marked [`SkipCache`]: the backend opts pages in by tagging them.
+    pub(crate) fn new(upstream: Upstream, head_timeout: Duration, cache_untagged: bool) -> Forward {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(head_timeout));
@@ -109,6 +114,7 @@ impl Forward {
             client,
             upstream: Arc::new(upstream),
             head_timeout,
+            cache_untagged,
         }
     }
 
@@ -137,6 +143,9 @@ impl Forward {
         match tokio::time::timeout(self.head_timeout, sent).await {
             Ok(Ok(mut response)) => {
                 remove_hop_by_hop(response.headers_mut());
+                if !self.cache_untagged && !response.headers().contains_key(&X_CACHE_TAGS) {
+                    response.extensions_mut().insert(SkipCache);
+                }
                 Ok(response)
             }
             Ok(Err(error)) => Err(self.failed(&error)),
@@ -245,18 +254,17 @@ pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
 pub(crate) fn prepare_request_headers(headers: &mut HeaderMap, peer: IpAddr) {
     remove_hop_by_hop(headers);
     headers.remove(http::header::EXPECT);
-    let peer = peer.to_canonical().to_string();
-    let mut chain: Vec<String> = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .map(|value| String::from_utf8_lossy(value.as_bytes()).trim().to_owned())
-        .filter(|value| !value.is_empty())
-        .collect();
-    chain.push(peer);
-    // Built from a valid header value plus an IP address: always valid.
-    if let Ok(value) = HeaderValue::from_str(&chain.join(", ")) {
-        headers.insert(X_FORWARDED_FOR.clone(), value);
-    } else if let Ok(value) = HeaderValue::from_str(chain.last().map_or("", String::as_str)) {
+    let mut chain: Vec<u8> = Vec::new();
+    for value in headers.get_all(&X_FORWARDED_FOR) {
+        let value = value.as_bytes().trim_ascii();
+        if !value.is_empty() {
+            chain.extend_from_slice(value);
+            chain.extend_from_slice(b", ");
+        }
+    }
+    chain.extend_from_slice(peer.to_canonical().to_string().as_bytes());
+    // Valid header values joined by ", " plus an IP address: always valid.
+    if let Ok(value) = HeaderValue::from_bytes(&chain) {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
 }

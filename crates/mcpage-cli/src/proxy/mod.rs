@@ -60,6 +60,10 @@ pub(crate) struct Args {
     /// before answering 504.
     #[arg(long, value_name = "MS", default_value_t = 30_000)]
     upstream_timeout_ms: u64,
+    /// Also cache pages that carry no `X-Cache-Tags` header (removable only by
+    /// URL, prefix or TTL). By default a page is cached only when the backend tags it.
+    #[arg(long)]
+    cache_untagged: bool,
 }
 
 /// The body of every response: the layer's (the backend's, possibly buffered)
@@ -96,7 +100,7 @@ pub(crate) async fn run(config: &mcpage::Config, args: Args) -> anyhow::Result<E
     let listen = args.listen.as_deref().unwrap_or(&config.proxy.listen);
 
     // Before binding: a signal that arrives once we listen must not kill us.
-    let mut shutdown = std::pin::pin!(shutdown_signal()?);
+    let mut signals = Signals::install()?;
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -104,7 +108,11 @@ pub(crate) async fn run(config: &mcpage::Config, args: Args) -> anyhow::Result<E
 
     let cache = Cache::connect(config).await?;
     let upstream_text = upstream.to_string();
-    let forward = Forward::new(upstream, Duration::from_millis(args.upstream_timeout_ms));
+    let forward = Forward::new(
+        upstream,
+        Duration::from_millis(args.upstream_timeout_ms),
+        args.cache_untagged,
+    );
     let state = Arc::new(State {
         service: PageCacheLayer::new(cache.clone()).layer(forward),
         token: admin::Token::new(config.proxy.invalidate_token.as_deref()),
@@ -112,7 +120,7 @@ pub(crate) async fn run(config: &mcpage::Config, args: Args) -> anyhow::Result<E
         upstream_errors: AtomicU64::new(0),
     });
     tracing::info!(
-        "mcpage proxy listening on http://{local}, upstream {upstream_text}, memcached {}{}{}",
+        "mcpage proxy listening on http://{local}, upstream {upstream_text}, memcached {}{}{}{}",
         servers(&config.memcached.servers),
         if config.memcached.index_servers.is_empty() {
             String::new()
@@ -124,13 +132,18 @@ pub(crate) async fn run(config: &mcpage::Config, args: Args) -> anyhow::Result<E
         } else {
             ", invalidate endpoint off (no proxy.invalidate_token)"
         },
+        if args.cache_untagged {
+            ", caching untagged pages too"
+        } else {
+            ""
+        },
     );
 
     let graceful = GracefulShutdown::new();
     let signal = loop {
         tokio::select! {
             biased;
-            signal = &mut shutdown => break signal,
+            signal = signals.next() => break signal,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
@@ -150,17 +163,24 @@ pub(crate) async fn run(config: &mcpage::Config, args: Args) -> anyhow::Result<E
         connections = in_flight,
         "shutting down: no new connections, finishing in-flight requests"
     );
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("in-flight requests still running after {SHUTDOWN_GRACE:?}: closing them");
+    // A second signal cuts both waits short.
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(SHUTDOWN_GRACE) => {
+            tracing::warn!("in-flight requests still running after {SHUTDOWN_GRACE:?}: closing them");
+        }
+        signal = signals.next() => {
+            tracing::warn!(signal, "second signal: closing in-flight requests");
+        }
     }
-    if tokio::time::timeout(SETTLE_GRACE, state.cache.settle())
-        .await
-        .is_err()
-    {
-        tracing::warn!("background page writes still running after {SETTLE_GRACE:?}: dropped");
+    tokio::select! {
+        () = state.cache.settle() => {}
+        () = tokio::time::sleep(SETTLE_GRACE) => {
+            tracing::warn!("background page writes still running after {SETTLE_GRACE:?}: dropped");
+        }
+        signal = signals.next() => {
+            tracing::warn!(signal, "second signal: background page writes dropped");
+        }
     }
     tracing::info!("mcpage proxy stopped");
     Ok(ExitCode::SUCCESS)
@@ -174,17 +194,28 @@ fn servers(servers: &[mcpage::config::ServerSpec]) -> String {
         .join(", ")
 }
 
-/// Resolves with the name of the first SIGINT or SIGTERM.
-fn shutdown_signal() -> anyhow::Result<impl Future<Output = &'static str>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut interrupt = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
-    let mut terminate = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
-    Ok(async move {
+/// SIGINT and SIGTERM, handled by the proxy instead of ending the process.
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            interrupt: signal(SignalKind::interrupt()).context("install the SIGINT handler")?,
+            terminate: signal(SignalKind::terminate()).context("install the SIGTERM handler")?,
+        })
+    }
+
+    /// The name of the next signal.
+    async fn next(&mut self) -> &'static str {
         tokio::select! {
-            _ = interrupt.recv() => "SIGINT",
-            _ = terminate.recv() => "SIGTERM",
+            _ = self.interrupt.recv() => "SIGINT",
+            _ = self.terminate.recv() => "SIGTERM",
         }
-    })
+    }
 }
 
 fn serve_connection(
@@ -223,8 +254,8 @@ async fn handle(
             "mcpage proxy: CONNECT is not supported\n",
         ));
     }
-    // Origin form (`/path?query`) only; absolute form is reduced to it by hyper's
-    // parser keeping path and query, `*` (OPTIONS) has no page and no backend use here.
+    // Forwarded: origin form (`/path?query`), and the path and query of absolute
+    // form. Refused: `*` (server-wide OPTIONS), which names no page.
     if !request
         .uri()
         .path_and_query()
