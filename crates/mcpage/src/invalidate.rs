@@ -84,6 +84,9 @@ impl Failures {
 /// garbage (a few bytes, a few extra deletes next time), never a lost record.
 const SHARD_CLEAR_ROUNDS: usize = 5;
 
+/// Most `lru_crawler metadump` passes per server in one purge.
+const PURGE_PASSES: usize = 8;
+
 /// `lru_crawler metadump` may take a while on a big server.
 const METADUMP_DEADLINE: Duration = Duration::from_secs(60);
 
@@ -111,7 +114,19 @@ impl Invalidator {
         T: AsRef<str>,
     {
         let urls: Vec<String> = unique(urls.into_iter().map(|u| u.as_ref().to_owned()));
-        let result = self.invalidate_urls_inner(&urls).await;
+        // A URL that can have no page is the caller's mistake, not a memcached failure.
+        let mut page_keys = Vec::with_capacity(urls.len());
+        for url in &urls {
+            let (host, target) = crate::key::split_url(url);
+            let key = self
+                .cache
+                .page_key(host.map(str::as_bytes), target.as_bytes())
+                .map_err(|skip| {
+                    Error::Invalid(format!("`{url}` has no cache key ({})", skip.reason()))
+                })?;
+            page_keys.push(key.key);
+        }
+        let result = self.invalidate_urls_inner(&urls, page_keys).await;
         self.account(result)
     }
 
@@ -213,20 +228,13 @@ impl Invalidator {
         })
     }
 
-    async fn invalidate_urls_inner(&self, urls: &[String]) -> Result<Removed> {
+    async fn invalidate_urls_inner(
+        &self,
+        urls: &[String],
+        page_keys: Vec<Vec<u8>>,
+    ) -> Result<Removed> {
         if urls.is_empty() {
             return Ok(Removed::default());
-        }
-        let mut page_keys = Vec::with_capacity(urls.len());
-        for url in urls {
-            let (host, target) = crate::key::split_url(url);
-            let key = self
-                .cache
-                .page_key(host.map(str::as_bytes), target.as_bytes())
-                .map_err(|skip| {
-                    Error::Invalid(format!("`{url}` has no cache key ({})", skip.reason()))
-                })?;
-            page_keys.push(key.key);
         }
         let ik = &self.cache.inner.index_keys;
         let clock = self.cache.bump_clock(Mode::Always, 1).await?;
@@ -270,27 +278,35 @@ impl Invalidator {
         let namespace = inner.index_keys.namespace().as_bytes();
         let mut removed = 0;
         for (index, server) in inner.pages.servers().iter().enumerate() {
-            let Some(lines) = failures.check(
-                server
-                    .text_command("lru_crawler metadump all", METADUMP_DEADLINE)
-                    .await,
-            ) else {
-                continue;
-            };
-            let doomed: Vec<(usize, Delete)> = lines
-                .iter()
-                .filter_map(|line| metadump_key(line))
-                .filter(|key| !key.starts_with(namespace))
-                .filter(|key| {
-                    memcached_unescape(key).is_some_and(|value| value.starts_with(&wanted))
-                })
-                .map(|key| (index, Delete::new(key)))
-                .collect();
-            for result in inner.pages.run_on(Mode::Always, doomed).await {
-                if let Some(result) = failures.check(result)
-                    && result.status == MutationStatus::Applied
-                {
-                    removed += 1;
+            // One metadump pass can skip items that move in the LRU while the
+            // crawler walks it (seen on 1.6.18 for recently read items): walk
+            // again until a pass finds nothing left to delete.
+            for _ in 0..PURGE_PASSES {
+                let Some(lines) = failures.check(
+                    server
+                        .text_command("lru_crawler metadump all", METADUMP_DEADLINE)
+                        .await,
+                ) else {
+                    break;
+                };
+                let doomed: Vec<(usize, Delete)> = lines
+                    .iter()
+                    .filter_map(|line| metadump_key(line))
+                    .filter(|key| !key.starts_with(namespace))
+                    .filter(|key| {
+                        memcached_unescape(key).is_some_and(|value| value.starts_with(&wanted))
+                    })
+                    .map(|key| (index, Delete::new(key)))
+                    .collect();
+                if doomed.is_empty() {
+                    break;
+                }
+                for result in inner.pages.run_on(Mode::Always, doomed).await {
+                    if let Some(result) = failures.check(result)
+                        && result.status == MutationStatus::Applied
+                    {
+                        removed += 1;
+                    }
                 }
             }
         }
