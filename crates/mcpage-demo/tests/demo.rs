@@ -440,3 +440,114 @@ async fn the_feed_and_the_search_are_never_cached() {
         );
     }
 }
+
+/// Issue "faults, races and hostile input", leaks: a scripted session of
+/// logged-in and anonymous users, interleaved on the same pages. After every
+/// step nothing stored may show a signed-in identity or a CSRF token, and no
+/// response that set a cookie may have been stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripted_sessions_never_leak_a_user_page() {
+    let stack = Stack::start().await;
+    let mut urls = stack.demo.page_urls().await.expect("urls");
+    urls.truncate(40);
+    urls.push("/login".to_owned());
+    let mut rng: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut next = move |n: usize| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng % n as u64) as usize
+    };
+
+    let mut sessions = Vec::new();
+    let mut set_cookie_bodies = Vec::new();
+    for i in 0..5 {
+        let login = stack
+            .post_form("/login", None, &format!("name=Leaky+User+{i}"))
+            .await;
+        set_cookie_bodies.push(login.body.clone());
+        sessions.push((format!("Leaky User {i}"), session_cookie(&login)));
+    }
+    let mut tokens: Vec<String> = Vec::new();
+    let (mut requests, mut comments) = (0usize, 0usize);
+    for step in 0..300 {
+        let url = &urls[next(urls.len())];
+        let response = match next(4) {
+            0 | 1 => stack.get(url).await,
+            2 => {
+                let (_, cookie) = &sessions[next(sessions.len())];
+                let page = stack.get_as(url, cookie).await;
+                assert_eq!(page.header("x-cache"), Some("BYPASS"), "{url}");
+                if page.text().contains("name=\"csrf\"") {
+                    tokens.push(csrf_token(&page.text()));
+                }
+                page
+            }
+            _ => {
+                let (name, cookie) = &sessions[next(sessions.len())];
+                let article = stack.article(1 + next(20) as i64).await;
+                let page = stack.get_as(&article.url(), cookie).await.text();
+                let csrf = csrf_token(&page);
+                tokens.push(csrf.clone());
+                comments += 1;
+                let body = format!("csrf={csrf}&body=step+{step}+by+{}", name.replace(' ', "+"));
+                stack
+                    .post_form(&format!("{}/comments", article.url()), Some(cookie), &body)
+                    .await
+            }
+        };
+        requests += 1;
+        assert!(
+            response.status.is_success() || response.status.is_redirection(),
+            "{url}: {}",
+            response.status
+        );
+        if response.header("set-cookie").is_some() {
+            set_cookie_bodies.push(response.body.clone());
+        }
+        if step % 50 == 49 {
+            stack.demo.cache().settle().await;
+            assert_no_leak(&stack, &tokens, &set_cookie_bodies);
+        }
+    }
+    stack.demo.cache().settle().await;
+    let stored = assert_no_leak(&stack, &tokens, &set_cookie_bodies);
+    println!(
+        "leaks: {requests} requests ({comments} comments by signed-in users, {} CSRF tokens seen), \
+         {stored} pages stored, signed-in pages or tokens found in memcached: 0",
+        tokens.len()
+    );
+    assert!(
+        stored > 10,
+        "anonymous pages were cached meanwhile ({stored})"
+    );
+}
+
+/// Scan every stored page; returns how many there are.
+fn assert_no_leak(stack: &Stack, tokens: &[String], set_cookie_bodies: &[bytes::Bytes]) -> usize {
+    let mut pages = 0;
+    for (key, value) in stack.all_values() {
+        if key.starts_with("mcpage:") {
+            continue;
+        }
+        pages += 1;
+        assert!(
+            !value.contains("Signed in as"),
+            "{key} stored a signed-in page"
+        );
+        assert!(
+            !value.contains("class=\"username\""),
+            "{key} stored a signed-in page"
+        );
+        for token in tokens {
+            assert!(!value.contains(token.as_str()), "{key} stored a CSRF token");
+        }
+        for body in set_cookie_bodies {
+            assert!(
+                body.is_empty() || value.as_bytes() != &body[..],
+                "{key} stored a response that set a cookie"
+            );
+        }
+    }
+    pages
+}
