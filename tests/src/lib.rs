@@ -414,13 +414,13 @@ impl Memcached {
         exchange().unwrap_or_else(|e| panic!("memcached at {}: {e:#}", self.address()))
     }
 
-    /// Every key memcached holds (`lru_crawler metadump all`), decoded from
+    /// Every key memcached holds (`lru_crawler metadump hash`: the LRU walk of `all` skips items that move while it runs), decoded from
     /// the URL encoding metadump uses: the literal keys, as [`get_raw`](Self::get_raw) takes them.
     pub fn keys(&self) -> Vec<Vec<u8>> {
         let deadline = Instant::now() + START_DEADLINE;
         loop {
             // A crawl still running from a previous call answers BUSY: retry.
-            match self.lines_until(b"lru_crawler metadump all\r\n", b"END") {
+            match self.lines_until(b"lru_crawler metadump hash\r\n", b"END") {
                 Ok(lines) if !lines.iter().any(|l| l.starts_with(b"BUSY")) => {
                     return lines
                         .iter()
@@ -943,4 +943,33 @@ mod tests {
         assert_eq!(connect_address("127.0.0.1:8080"), "127.0.0.1:8080");
         assert_eq!(connect_address("[::1]:8080 reuseport"), "[::1]:8080");
     }
+}
+
+/// A small deterministic generator for load and race tests, so a failing run
+/// can be replayed from its seed.
+#[derive(Debug, Clone)]
+pub struct XorShift(pub u64);
+
+impl XorShift {
+    /// The next value.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A value in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+}
+
+/// A count from the environment (`MCPAGE_STRESS_ROUNDS=100000`), or `default`:
+/// CI runs the short version, `scripts/stress` the long one.
+pub fn env_count(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }

@@ -10,33 +10,14 @@ use axum::Router;
 use axum::extract::{OriginalUri, State};
 use axum::http::header;
 use mcpage::{Cache, CacheTags, Config, PageCacheLayer};
-use mcpage_tests::Memcached;
+use mcpage_tests::{Memcached, XorShift, env_count};
 use tower::ServiceExt;
 
 const PAGES: usize = 16;
 const RENDERS_PER_ROUND: usize = 8;
 
 fn rounds() -> usize {
-    std::env::var("MCPAGE_STRESS_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000)
-}
-
-/// A small deterministic generator, so a failing seed can be replayed.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
+    usize::try_from(env_count("MCPAGE_STRESS_ROUNDS", 1_000)).unwrap_or(usize::MAX)
 }
 
 async fn yield_times(n: u64) {

@@ -353,28 +353,25 @@ impl Cache {
         let prefix = format!("{}t:", self.inner.index_keys.namespace());
         let mut out = Vec::new();
         for server in self.inner.index.servers() {
-            let usage = server
-                .text_command("lru_crawler metadump all", Duration::from_secs(60))
-                .await
-                .map(|lines| {
-                    let mut usage = IndexUsage::default();
-                    for line in &lines {
-                        let Some(key) = crate::invalidate::metadump_key(line) else {
-                            continue;
-                        };
-                        if !key.starts_with(prefix.as_bytes()) {
-                            continue;
-                        }
-                        let size = String::from_utf8_lossy(line)
-                            .split(' ')
-                            .find_map(|field| field.strip_prefix("size=")?.parse::<u64>().ok())
-                            .unwrap_or(0);
-                        usage.items += 1;
-                        usage.bytes += size;
-                        usage.largest = usage.largest.max(size);
+            let usage = server.metadump(Duration::from_secs(60)).await.map(|lines| {
+                let mut usage = IndexUsage::default();
+                for line in &lines {
+                    let Some(key) = crate::invalidate::metadump_key(line) else {
+                        continue;
+                    };
+                    if !key.starts_with(prefix.as_bytes()) {
+                        continue;
                     }
-                    usage
-                });
+                    let size = String::from_utf8_lossy(line)
+                        .split(' ')
+                        .find_map(|field| field.strip_prefix("size=")?.parse::<u64>().ok())
+                        .unwrap_or(0);
+                    usage.items += 1;
+                    usage.bytes += size;
+                    usage.largest = usage.largest.max(size);
+                }
+                usage
+            });
             out.push((server.name.clone(), usage));
         }
         out

@@ -375,6 +375,12 @@ impl Config {
                 "must not contain spaces, control characters, '%' or '\"' (nginx would escape them)",
             ));
         }
+        if self.keys.prefix.len() >= crate::key::MAX_KEY_LEN {
+            return Err(Error::config(
+                "keys.prefix",
+                "must be shorter than 250 bytes (memcached's key limit): no page key would fit",
+            ));
+        }
         if self.cache.ttl_secs == 0 || self.cache.ttl_secs > 30 * 24 * 3600 {
             return Err(Error::config(
                 "cache.ttl_secs",
@@ -404,6 +410,15 @@ impl Config {
             return Err(Error::config(
                 "cache.index_namespace",
                 "must be non-empty, without spaces or '%'",
+            ));
+        }
+        if self.cache.index_namespace.len() + INDEX_KEY_OVERHEAD > crate::key::MAX_KEY_LEN {
+            return Err(Error::config(
+                "cache.index_namespace",
+                format!(
+                    "must be at most {} bytes: index keys add {INDEX_KEY_OVERHEAD} to it and memcached keys end at 250",
+                    crate::key::MAX_KEY_LEN - INDEX_KEY_OVERHEAD
+                ),
             ));
         }
         if !(1..=1024).contains(&self.cache.index_shards) {
@@ -447,6 +462,10 @@ impl Config {
         })
     }
 }
+
+/// The longest index key past the namespace: `t:` + 32 hex digits + `:` + a
+/// shard number below 1024 (see `tags::IndexKeys`).
+const INDEX_KEY_OVERHEAD: usize = 2 + 32 + 1 + 4;
 
 /// `MCPAGE_SECTION__FIELD`; variables without `__` (say `MCPAGE_LOG`) are not config.
 fn env_provider() -> Env {

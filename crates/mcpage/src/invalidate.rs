@@ -278,15 +278,13 @@ impl Invalidator {
         let namespace = inner.index_keys.namespace().as_bytes();
         let mut removed = 0;
         for (index, server) in inner.pages.servers().iter().enumerate() {
-            // One metadump pass can skip items that move in the LRU while the
-            // crawler walks it (seen on 1.6.18 for recently read items): walk
-            // again until a pass finds nothing left to delete.
+            // `Server::metadump` walks the hash table, which sees every item
+            // once; the LRU walk it falls back to on an old memcached can skip
+            // items that move in the LRU while the crawler walks it (seen on
+            // 1.6.18 for recently read items): walk again until a pass finds
+            // nothing left to delete.
             for _ in 0..PURGE_PASSES {
-                let Some(lines) = failures.check(
-                    server
-                        .text_command("lru_crawler metadump all", METADUMP_DEADLINE)
-                        .await,
-                ) else {
+                let Some(lines) = failures.check(server.metadump(METADUMP_DEADLINE).await) else {
                     break;
                 };
                 let doomed: Vec<(usize, Delete)> = lines

@@ -32,7 +32,8 @@ pub enum Bypass {
     BadRequest,
     /// The memcached key would exceed 250 bytes.
     KeyTooLong,
-    /// Host mode: the host is missing, invalid or not allowed.
+    /// Host mode: the host is missing, invalid or not allowed, or an
+    /// absolute-form target names another host than the `Host` header.
     Host,
     /// memcached (the index pool) is unavailable or its breaker is open.
     Unavailable,

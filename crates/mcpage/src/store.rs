@@ -132,6 +132,26 @@ impl Server {
         }
     }
 
+    /// Every item's `lru_crawler metadump` line (`key=... exp=... size=...`).
+    ///
+    /// Walks the hash table (`metadump hash`): the LRU walk (`metadump all`)
+    /// misses items that move between LRU segments while it runs (about 1% of
+    /// recently written or read items under traffic, measured on 1.6.18), so
+    /// `purge_prefix("/")` would leave pages behind. `all` is only the
+    /// fallback for a memcached that does not know `hash`.
+    pub(crate) async fn metadump(&self, deadline: Duration) -> Result<Vec<Vec<u8>>> {
+        match self
+            .text_command("lru_crawler metadump hash", deadline)
+            .await
+        {
+            Err(Error::Protocol { message, .. }) if !message.contains("BUSY") => {
+                self.text_command("lru_crawler metadump all", deadline)
+                    .await
+            }
+            other => other,
+        }
+    }
+
     /// Raw text command over a fresh connection, for what the meta client
     /// does not speak (`stats`, `lru_crawler metadump`). Returns the lines up to
     /// the terminator line (`END`), without it.

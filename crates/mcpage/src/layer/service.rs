@@ -125,11 +125,18 @@ impl<S> PageCache<S> {
             .map_or(request.uri(), |original| &original.0);
         let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
         let host = if inner.config.keys.host {
-            request
-                .headers()
-                .get(HOST)
-                .map(HeaderValue::as_bytes)
-                .or_else(|| uri.authority().map(|a| a.as_str().as_bytes()))
+            let header = request.headers().get(HOST).map(HeaderValue::as_bytes);
+            let authority = uri.authority().map(|a| a.as_str().as_bytes());
+            // An absolute-form target (or HTTP/2 :authority) naming another host
+            // than the Host header: nginx keys on the former, apps may render
+            // either. Storing under one what was rendered for the other would
+            // serve one host's page for another: not cached.
+            if let (Some(header), Some(authority)) = (header, authority)
+                && crate::key::nginx_host(header) != crate::key::nginx_host(authority)
+            {
+                return Err(Bypass::Host);
+            }
+            authority.or(header)
         } else {
             None
         };
