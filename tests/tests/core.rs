@@ -814,3 +814,69 @@ async fn host_mode_never_serves_one_hosts_page_for_another() {
     keys.sort();
     assert_eq!(keys, ["a.test/page", "b.test/page"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_server_restart_is_recovered_by_the_next_invalidation() {
+    let pages = Memcached::start();
+    let mut index = Memcached::start_with(&["-M"]);
+    let mut config = Config::default();
+    config.memcached.servers = vec![mcpage::config::ServerSpec::new(pages.address())];
+    config.memcached.index_servers = vec![mcpage::config::ServerSpec::new(index.address())];
+    let cache = Cache::connect(&config).await.expect("cache");
+    let invalidator = cache.invalidator();
+    for i in 0..20 {
+        let tag = if i % 2 == 0 { "even" } else { "odd" };
+        cache
+            .store_page(&format!("/r/{i}"), format!("page {i}"), [tag])
+            .await
+            .expect("store");
+    }
+    // A first invalidation remembers which index process it talks to; nothing else goes.
+    let first = invalidator
+        .invalidate_tags(["unrelated"])
+        .await
+        .expect("invalidate");
+    assert_eq!(first.pages, 0);
+    assert_eq!(
+        pages
+            .keys()
+            .iter()
+            .filter(|k| k.starts_with(b"/r/"))
+            .count(),
+        20
+    );
+
+    index.restart();
+    // The "odd" pages lost their index records; the next invalidation notices
+    // the new index process and purges every page instead of leaving orphans.
+    let removed = invalidator
+        .invalidate_tags(["even"])
+        .await
+        .expect("invalidate");
+    assert_eq!(
+        removed.count_for(mcpage::Removed::INDEX_RECOVERY),
+        20,
+        "{removed:?}"
+    );
+    assert_eq!(
+        pages
+            .keys()
+            .iter()
+            .filter(|k| k.starts_with(b"/r/"))
+            .count(),
+        0,
+        "no orphans left"
+    );
+
+    // Once recovered, invalidations are selective again.
+    cache
+        .store_page("/r/kept", "kept", ["odd"])
+        .await
+        .expect("store");
+    let removed = invalidator
+        .invalidate_tags(["even"])
+        .await
+        .expect("invalidate");
+    assert_eq!(removed.pages, 0);
+    assert!(pages.get_raw(b"/r/kept").is_some());
+}

@@ -457,10 +457,16 @@ async fn memcached_faults_under_load_fail_open_and_never_leave_a_stale_page() {
     run.phase("index server down", Faulty::None, true).await;
     let before_restart: BTreeSet<Vec<u8>> = run.page_keys().into_iter().collect();
     run.index.restart();
-    // The retries succeed but find no index records: the pages stored before
-    // the restart are orphans, and those showing old data are stale.
+    // The pages stored before the restart lost their index records. The first
+    // retried invalidation notices the new index process and purges every page
+    // (Invalidator::recover_lost_index), so no orphan stays stale.
     let retried_after_index = run.retry_pending("after the index restart").await;
     let orphans_stale = run.stale_pages(Faulty::None);
+    let orphans_left: Vec<Vec<u8>> = run
+        .page_keys()
+        .into_iter()
+        .filter(|k| before_restart.contains(k))
+        .collect();
     let removed = run
         .cache
         .invalidator()
@@ -473,13 +479,18 @@ async fn memcached_faults_under_load_fail_open_and_never_leave_a_stale_page() {
         .filter(|k| before_restart.contains(k))
         .collect();
     println!(
-        "faults: index restart: {} pages were cached before it (orphans: their index records are gone), \
-         {} of them stale after the retried invalidations returned Ok; purge_prefix(\"/\") removed {}, \
-         orphans left {}",
+        "faults: index restart: {} pages were cached before it (their index records are gone); \
+         after the retried invalidations (automatic recovery) {} orphans left, {} stale; \
+         a manual purge_prefix(\"/\") then removed {}, orphans left {}",
         before_restart.len(),
+        orphans_left.len(),
         orphans_stale.len(),
         removed.pages,
         survivors.len()
+    );
+    assert!(
+        orphans_stale.is_empty(),
+        "stale orphans after the automatic recovery"
     );
     assert!(
         !before_restart.is_empty(),

@@ -18,6 +18,7 @@
 //! ```
 
 use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -96,6 +97,10 @@ impl Invalidator {
     }
 
     /// Remove every page registered under any of `tags`, on every server.
+    ///
+    /// When a separate index server restarted since the last invalidation (its
+    /// records are gone), every page is purged first, once: the count includes
+    /// them under [`Removed::INDEX_RECOVERY`].
     pub async fn invalidate_tags<I, T>(&self, tags: I) -> Result<Removed>
     where
         I: IntoIterator<Item = T>,
@@ -161,6 +166,7 @@ impl Invalidator {
         }
         let inner = &self.cache.inner;
         let ik = &inner.index_keys;
+        let recovered = self.recover_lost_index().await?;
         let clock = self.cache.bump_clock(Mode::Always, 1).await?;
         let mut failures = Failures::default();
         let clock_keys: Vec<Vec<u8>> = tags.iter().map(|t| ik.tag_clock(t)).collect();
@@ -222,10 +228,76 @@ impl Invalidator {
                     .await;
             }
         }
+        let mut by_item: Vec<(String, usize)> = by_item;
+        if recovered > 0 {
+            by_item.push((Removed::INDEX_RECOVERY.to_owned(), recovered));
+        }
         failures.finish(Removed {
-            pages: deleted.removed.len(),
+            pages: deleted.removed.len() + recovered,
             by_item,
         })
+    }
+
+    /// An index server that restarted since the last invalidation lost the
+    /// records of every page stored before: those pages could never be found
+    /// by tag again and would stay, stale, until their TTL. Detect it (each
+    /// index server's process id and start time, remembered on the page
+    /// servers) and purge every page once; returns how many were removed.
+    /// Nothing to do when pages and index share servers: a restart lost both.
+    async fn recover_lost_index(&self) -> Result<usize> {
+        let inner = &self.cache.inner;
+        if Arc::ptr_eq(&inner.pages, &inner.index) {
+            return Ok(0);
+        }
+        let mut lost = Vec::new();
+        let mut remember = Vec::new();
+        for server in inner.index.servers() {
+            let stats = server.text_command("stats", Duration::ZERO).await?;
+            let stat = |name: &str| {
+                stats.iter().find_map(|line| {
+                    let line = std::str::from_utf8(line).ok()?;
+                    let value = line
+                        .strip_prefix("STAT ")?
+                        .strip_prefix(name)?
+                        .strip_prefix(' ')?;
+                    value.trim().parse::<u64>().ok()
+                })
+            };
+            let (Some(pid), Some(time), Some(uptime)) = (stat("pid"), stat("time"), stat("uptime"))
+            else {
+                return Err(Error::Protocol {
+                    server: server.name.clone(),
+                    message: "stats without pid, time or uptime".to_owned(),
+                });
+            };
+            let boot = format!("{pid}:{}", time.saturating_sub(uptime));
+            let key = inner.index_keys.index_boot(&server.name);
+            let marker = inner
+                .pages
+                .route(&key)
+                .run(Mode::Always, Get::new(&key))
+                .await?;
+            match marker.value {
+                Some(seen) if seen == boot.as_bytes() => {}
+                Some(_) => {
+                    lost.push(server.name.clone());
+                    remember.push((key, boot));
+                }
+                // First invalidation ever (or the marker's page server lost it).
+                None => remember.push((key, boot)),
+            }
+        }
+        let mut removed = 0;
+        if !lost.is_empty() {
+            tracing::warn!(servers = ?lost, "tag index restarted and lost its records: purging every page");
+            removed = self.purge_prefix_inner("").await?.pages;
+        }
+        // Only after the purge succeeded: a failed purge is retried next time.
+        for (key, boot) in remember {
+            let set = Set::new(&key, boot.as_bytes()).ttl(Ttl::NEVER);
+            inner.pages.route(&key).run(Mode::Always, set).await?;
+        }
+        Ok(removed)
     }
 
     async fn invalidate_urls_inner(
@@ -474,6 +546,10 @@ fn percent_decode(encoded: &[u8]) -> Option<Vec<u8>> {
 
 /// Per-item counts keyed for tests and the CLI.
 impl Removed {
+    /// The `by_item` entry for pages purged because an index server restarted
+    /// and lost its records (see [`Invalidator::invalidate_tags`]).
+    pub const INDEX_RECOVERY: &str = "(index restarted: all pages purged)";
+
     /// The count for one tag, URL or prefix.
     pub fn count_for(&self, item: &str) -> usize {
         self.by_item

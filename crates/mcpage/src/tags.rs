@@ -61,6 +61,12 @@ impl IndexKeys {
         format!("{}clock", self.ns).into_bytes()
     }
 
+    /// Where the page pool remembers which process an index server was (see
+    /// `Invalidator::recover_lost_index`).
+    pub(crate) fn index_boot(&self, server: &str) -> Vec<u8> {
+        format!("{}boot:{}", self.ns, short_hash(server.as_bytes())).into_bytes()
+    }
+
     pub(crate) fn purge_clock(&self) -> Vec<u8> {
         format!("{}pc", self.ns).into_bytes()
     }
