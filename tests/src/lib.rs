@@ -973,3 +973,26 @@ pub fn env_count(name: &str, default: u64) -> u64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
+
+/// A temporary directory under the system temp dir, traversable by nginx
+/// workers (which run as `nobody` when the tests run as root), removed on drop.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// A fresh directory; `kind` goes into its name.
+    pub fn new(kind: &str) -> TempDir {
+        TempDir(unique_dir(kind))
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

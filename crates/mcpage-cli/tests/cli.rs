@@ -7,13 +7,12 @@ use std::io::Write;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use mcpage::config::ServerSpec;
 use mcpage::ring::Hashing;
 use mcpage::{Cache, Config};
-use mcpage_tests::{INSTALL_HINT, Memcached, Nginx, free_addr};
+use mcpage_tests::{INSTALL_HINT, Memcached, Nginx, TempDir, free_addr};
 
 // ---------------------------------------------------------------------------
 // helpers
@@ -22,37 +21,6 @@ use mcpage_tests::{INSTALL_HINT, Memcached, Nginx, free_addr};
 /// The workspace root (this crate is `crates/mcpage-cli`).
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// A temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(kind: &str) -> TempDir {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "mcpage-cli-{kind}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
-        // nginx workers started by root run as `nobody`: they must reach it.
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
-            .unwrap_or_else(|e| panic!("chmod {}: {e}", dir.display()));
-        TempDir(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// What one run of the binary did.

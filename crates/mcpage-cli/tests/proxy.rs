@@ -6,15 +6,15 @@
 //! Every wait polls with a deadline; nothing sleeps a fixed time.
 
 use std::fs::File;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use mcpage::Config;
 use mcpage::config::ServerSpec;
-use mcpage_tests::{Memcached, Nginx, Response, free_addr, free_port, get, request, wait_until};
+use mcpage_tests::{
+    Memcached, Nginx, Response, TempDir, free_addr, free_port, get, request, wait_until,
+};
 use serde_json::{Value, json};
 
 /// Longest wait for a process to come up or for a background write to land.
@@ -26,32 +26,6 @@ const TOKEN: &str = "s3cret-token-for-tests";
 // ---------------------------------------------------------------------------
 // processes
 // ---------------------------------------------------------------------------
-
-/// A temporary directory, removed on drop; traversable by nginx workers
-/// (which run as `nobody` when the tests run as root).
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "mcpage-proxy-test-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
-            .unwrap_or_else(|e| panic!("chmod {}: {e}", dir.display()));
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Send a signal by name with the `kill` command (no unsafe code).
 fn signal(pid: u32, name: &str) {
@@ -375,9 +349,9 @@ struct Env {
 
 impl Env {
     async fn start(setup: Setup<'_>) -> Env {
-        let dir = TempDir::new();
+        let dir = TempDir::new("proxy");
         let memcached = vec![Memcached::start(), Memcached::start()];
-        let backend = (!setup.no_backend).then(|| Backend::start(&dir.0, 0));
+        let backend = (!setup.no_backend).then(|| Backend::start(dir.path(), 0));
         let upstream_port = match &backend {
             Some(backend) => backend
                 .address
@@ -408,7 +382,7 @@ impl Env {
             config.proxy.upstream = upstream.clone();
         }
         args.extend(setup.args);
-        let config_file = dir.0.join("mcpage.toml");
+        let config_file = dir.path().join("mcpage.toml");
         std::fs::write(
             &config_file,
             toml::to_string(&config).expect("config as TOML"),
@@ -940,7 +914,7 @@ async fn backend_down_gives_502_and_the_proxy_survives() {
     assert_eq!(none.status, 404, "{}", none.text());
 
     // The backend comes up on that port: the same proxy serves it.
-    env.backend = Some(Backend::start(&env.dir.0, env.upstream_port));
+    env.backend = Some(Backend::start(env.dir.path(), env.upstream_port));
     let miss = env.page("/articles/1").await;
     assert_cache(&miss, "MISS");
     env.wait_stored("/articles/1").await;
@@ -969,7 +943,7 @@ async fn backend_down_gives_502_and_the_proxy_survives() {
     // https is a configuration error, before anything listens.
     let mut child = Command::new(env!("CARGO_BIN_EXE_mcpage"))
         .arg("--config")
-        .arg(env.dir.0.join("mcpage.toml"))
+        .arg(env.dir.path().join("mcpage.toml"))
         .args([
             "proxy",
             "--listen",
@@ -979,11 +953,11 @@ async fn backend_down_gives_502_and_the_proxy_survives() {
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(File::create(env.dir.0.join("https.log")).expect("create log"))
+        .stderr(File::create(env.dir.path().join("https.log")).expect("create log"))
         .spawn()
         .expect("start mcpage proxy");
     let status = wait_exit(&mut child, DEADLINE).expect("exits");
-    let stderr = read(&env.dir.0.join("https.log"));
+    let stderr = read(&env.dir.path().join("https.log"));
     assert_eq!(status.code(), Some(2), "{stderr}");
     assert!(
         stderr.contains("invalid config `--upstream`") && stderr.contains("https"),
