@@ -996,3 +996,12 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// `len` bytes of printable, incompressible text (it stays that size after
+/// gzip), the same for the same seed.
+pub fn random_text(len: usize, seed: u64) -> Vec<u8> {
+    let mut rng = XorShift(seed | 1);
+    (0..len)
+        .map(|_| b'!' + (rng.next_u64() % 94) as u8)
+        .collect()
+}

@@ -73,15 +73,7 @@ async fn page(State(site): State<Site>, OriginalUri(uri): OriginalUri) -> Respon
             // /big/<bytes>/<compressible|random>
             let size: usize = segment(2).parse().unwrap_or(0);
             let body: Vec<u8> = if segment(3) == "random" {
-                let mut x: u32 = 2_463_534_242;
-                (0..size)
-                    .map(|_| {
-                        x ^= x << 13;
-                        x ^= x >> 17;
-                        x ^= x << 5;
-                        (x % 94 + 33) as u8
-                    })
-                    .collect()
+                mcpage_tests::random_text(size, 2_463_534_242)
             } else {
                 vec![b'x'; size]
             };
@@ -824,6 +816,13 @@ async fn an_index_server_restart_is_recovered_by_the_next_invalidation() {
     config.memcached.index_servers = vec![mcpage::config::ServerSpec::new(index.address())];
     let cache = Cache::connect(&config).await.expect("cache");
     let invalidator = cache.invalidator();
+    let stored = || {
+        pages
+            .keys()
+            .iter()
+            .filter(|k| k.starts_with(b"/r/"))
+            .count()
+    };
     for i in 0..20 {
         let tag = if i % 2 == 0 { "even" } else { "odd" };
         cache
@@ -837,14 +836,7 @@ async fn an_index_server_restart_is_recovered_by_the_next_invalidation() {
         .await
         .expect("invalidate");
     assert_eq!(first.pages, 0);
-    assert_eq!(
-        pages
-            .keys()
-            .iter()
-            .filter(|k| k.starts_with(b"/r/"))
-            .count(),
-        20
-    );
+    assert_eq!(stored(), 20);
 
     index.restart();
     // The "odd" pages lost their index records; the next invalidation notices
@@ -858,15 +850,7 @@ async fn an_index_server_restart_is_recovered_by_the_next_invalidation() {
         20,
         "{removed:?}"
     );
-    assert_eq!(
-        pages
-            .keys()
-            .iter()
-            .filter(|k| k.starts_with(b"/r/"))
-            .count(),
-        0,
-        "no orphans left"
-    );
+    assert_eq!(stored(), 0, "no orphans left");
 
     // Once recovered, invalidations are selective again.
     cache

@@ -1000,19 +1000,6 @@ fn any_config_text_is_an_error_or_a_config_never_a_panic() {
 // pages over memcached's item limit
 // ---------------------------------------------------------------------------
 
-/// 2 MB of incompressible text (stays over 1 MiB after gzip).
-fn random_text(len: usize, seed: u32) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            (x % 94 + 33) as u8
-        })
-        .collect()
-}
-
 async fn page_over_the_item_limit(gzip: bool) {
     let memcached = Memcached::start_with(&["-I", "1m"]);
     let (mut config, cache) = connect(&memcached, |c| {
@@ -1021,7 +1008,7 @@ async fn page_over_the_item_limit(gzip: bool) {
     })
     .await;
     let big = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let body = Arc::new(random_text(2 << 20, 7));
+    let body = Arc::new(mcpage_tests::random_text(2 << 20, 7));
     let router = Router::new()
         .fallback({
             let big = Arc::clone(&big);
@@ -1063,7 +1050,10 @@ async fn page_over_the_item_limit(gzip: bool) {
     assert_eq!(direct.status, 200);
     assert_eq!(direct.header("x-cache"), Some("MISS"));
     assert_eq!(direct.body.len(), 2 << 20);
-    assert!(direct.body == random_text(2 << 20, 7), "the whole page");
+    assert!(
+        direct.body == mcpage_tests::random_text(2 << 20, 7),
+        "the whole page"
+    );
     cache.settle().await;
     let stats = cache.stats();
     assert_eq!(

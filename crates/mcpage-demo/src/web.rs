@@ -145,6 +145,29 @@ fn clear_cookie() -> HeaderValue {
 }
 
 impl Demo {
+    /// A category or month archive: its own tag, `comments` (the counts) and
+    /// every listed article.
+    fn archive_page(
+        &self,
+        viewer: &Viewer,
+        layout: &Layout,
+        tag: String,
+        archive: Archive,
+    ) -> Result<Response> {
+        let mut tags = layout_tags();
+        tags.push(tag);
+        tags.push("comments");
+        article_tags(&mut tags, &archive.articles);
+        self.page(
+            StatusCode::OK,
+            viewer,
+            layout,
+            tags,
+            "archive.html",
+            archive,
+        )
+    }
+
     fn render(&self, name: &str, context: impl Serialize) -> Result<String> {
         let template = self.inner.templates.get_template(name)?;
         Ok(template.render(Value::from(Serde(context)))?)
@@ -445,16 +468,10 @@ async fn category(
     let Some((category, articles)) = found else {
         return demo.not_found_page(&headers).await;
     };
-    let mut tags = layout_tags();
-    tags.push(format!("category:{}", category.slug));
-    tags.push("comments");
-    article_tags(&mut tags, &articles);
-    demo.page(
-        StatusCode::OK,
+    demo.archive_page(
         &viewer,
         &layout,
-        tags,
-        "archive.html",
+        format!("category:{}", category.slug),
         Archive {
             heading: category.name,
             description: Some(category.description),
@@ -489,16 +506,10 @@ async fn month(
     if articles.is_empty() {
         return demo.not_found_page(&headers).await;
     }
-    let mut tags = layout_tags();
-    tags.push(format!("month:{y:04}-{m:02}"));
-    tags.push("comments");
-    article_tags(&mut tags, &articles);
-    demo.page(
-        StatusCode::OK,
+    demo.archive_page(
         &viewer,
         &layout,
-        tags,
-        "archive.html",
+        format!("month:{y:04}-{m:02}"),
         Archive {
             heading: db::month_title(y, m),
             description: None,
