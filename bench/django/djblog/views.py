@@ -1,0 +1,60 @@
+"""The demo's home page: the same queries and the same HTML as `web::home`."""
+
+import datetime
+
+from django.db.models import Count
+from django.db.models.functions import Lower, Substr
+from django.shortcuts import render
+
+from djblog.models import Article, Category, MenuItem, Session
+
+HOME_ARTICLES = 10
+MONTHS = [
+    "January", "February", "March", "April", "May", "June",
+    "July", "August", "September", "October", "November", "December",
+]
+
+
+def layout():
+    """The menu, the category and month lists, and the render time."""
+    months = []
+    for row in (
+        Article.objects.annotate(month=Substr("published_at", 1, 7))
+        .values("month")
+        .annotate(count=Count("id"))
+        .order_by("-month")
+    ):
+        year, month = row["month"][:4], row["month"][5:7]
+        months.append(
+            {
+                "href": f"/archive/{year}/{month}",
+                "label": f"{MONTHS[int(month) - 1]} {year}",
+                "count": row["count"],
+            }
+        )
+    return {
+        "menu": list(MenuItem.objects.order_by("position")),
+        "categories": list(
+            Category.objects.annotate(count=Count("articles")).order_by(Lower("name"))
+        ),
+        "months": months,
+        "rendered_at": datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def home(request):
+    token = request.COOKIES.get("sessionid")
+    user = Session.objects.filter(token=token).first() if token else None
+    articles = list(
+        Article.objects.select_related("category")
+        .annotate(comment_count=Count("comments"))
+        .order_by("-published_at", "-id")[:HOME_ARTICLES]
+    )
+    response = render(
+        request,
+        "djblog/home.html",
+        {"layout": layout(), "user": user, "articles": articles},
+    )
+    if user is not None:
+        response["Cache-Control"] = "private, no-cache"
+    return response
