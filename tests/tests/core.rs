@@ -80,8 +80,11 @@ async fn page(State(site): State<Site>, OriginalUri(uri): OriginalUri) -> Respon
             (html, body).into_response()
         }
         "race" => {
+            // Which render of this target (from 1): tells a shared response from a fresh one.
+            let nth = site.renders_of(&target);
             site.started.notify_one();
             site.release.notified().await;
+            let body = format!("<p>page for {target}, render {nth}</p>");
             (CacheTags::new(["race"]), html, body).into_response()
         }
         _ => (html, body).into_response(),
@@ -695,56 +698,65 @@ async fn gzip_counts_the_compressed_size() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_misses_for_one_key_render_once() {
-    use std::future::Future;
-    use std::pin::Pin;
-    use tower::ServiceExt;
+/// A request through the layer in process, polled by the test itself.
+type Call = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Response, std::convert::Infallible>> + Send>,
+>;
 
-    let memcached = Memcached::start();
-    let mut config = Config::default();
-    config.memcached.servers = vec![mcpage::config::ServerSpec::new(memcached.address())];
-    let cache = Cache::connect(&config).await.expect("cache");
-    let site = Site::default();
-    let router = Router::new()
-        .fallback(page)
-        .with_state(site.clone())
-        .layer(PageCacheLayer::new(cache.clone()));
-    let request = || {
-        let request = axum::http::Request::get("/race/flight")
-            .body(axum::body::Body::empty())
-            .expect("request");
-        Box::pin(router.clone().oneshot(request))
-    };
-    type Call = Pin<
-        Box<dyn Future<Output = Result<axum::response::Response, std::convert::Infallible>> + Send>,
-    >;
-    // The leader reads the clock and enters the handler, which waits for `release`.
-    let mut leader: Call = request();
+fn call(router: &Router, target: &str) -> Call {
+    use tower::ServiceExt;
+    let request = axum::http::Request::get(target)
+        .body(axum::body::Body::empty())
+        .expect("request");
+    Box::pin(router.clone().oneshot(request))
+}
+
+/// Drive `call` until its `/race/*` handler has started (and waits for `release`).
+async fn until_in_handler(site: &Site, call: &mut Call) {
     let started = site.started.notified();
     tokio::pin!(started);
     tokio::select! {
         biased;
         _ = &mut started => {}
-        _ = &mut leader => panic!("the leader finished before it was released"),
+        _ = call => panic!("the request finished before it was released"),
     }
+}
+
+async fn body_of(call: Call) -> axum::body::Bytes {
+    let response = call.await.expect("infallible");
+    assert_eq!(response.status(), 200);
+    axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .expect("body")
+}
+
+fn site_router(site: &Site, cache: &Cache) -> Router {
+    Router::new()
+        .fallback(page)
+        .with_state(site.clone())
+        .layer(PageCacheLayer::new(cache.clone()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_for_one_key_render_once() {
+    let memcached = Memcached::start();
+    let mut config = Config::default();
+    config.memcached.servers = vec![mcpage::config::ServerSpec::new(memcached.address())];
+    let cache = Cache::connect(&config).await.expect("cache");
+    let site = Site::default();
+    let router = site_router(&site, &cache);
+    // The leader reads the clock and enters the handler, which waits for `release`.
+    let mut leader = call(&router, "/race/flight");
+    until_in_handler(&site, &mut leader).await;
     // Every follower is polled once, which makes it join the leader's flight.
-    let mut followers: Vec<Call> = (0..99).map(|_| -> Call { request() }).collect();
+    let mut followers: Vec<Call> = (0..99).map(|_| call(&router, "/race/flight")).collect();
     for follower in &mut followers {
         assert!(futures_util::poll!(follower.as_mut()).is_pending());
     }
     site.release.notify_one();
-    let leader = leader.await.expect("infallible");
-    let leader_body = axum::body::to_bytes(leader.into_body(), usize::MAX)
-        .await
-        .expect("body");
-    for response in futures_util::future::join_all(followers).await {
-        let response = response.expect("infallible");
-        assert_eq!(response.status(), 200);
-        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
-            .await
-            .expect("body");
-        assert_eq!(body, leader_body);
+    let leader_body = body_of(leader).await;
+    for follower in followers {
+        assert_eq!(body_of(follower).await, leader_body);
     }
     assert_eq!(
         site.renders_of("/race/flight"),
@@ -752,6 +764,86 @@ async fn concurrent_misses_for_one_key_render_once() {
         "100 concurrent misses, one render"
     );
     assert_eq!(cache.stats().shared, 99);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_never_gets_a_render_older_than_an_invalidation() {
+    let memcached = Memcached::start();
+    let mut config = Config::default();
+    config.memcached.servers = vec![mcpage::config::ServerSpec::new(memcached.address())];
+    let cache = Cache::connect(&config).await.expect("cache");
+    let site = Site::default();
+    let router = site_router(&site, &cache);
+    // The leader read the clock and is rendering from data about to change...
+    let mut leader = call(&router, "/race/stale");
+    until_in_handler(&site, &mut leader).await;
+    // ...which changes (the app invalidates after its commit)...
+    cache
+        .invalidator()
+        .invalidate_tags(["race"])
+        .await
+        .expect("invalidate");
+    // ...and then a request for the page arrives and joins the flight.
+    let mut follower = call(&router, "/race/stale");
+    assert!(futures_util::poll!(follower.as_mut()).is_pending());
+    site.release.notify_one();
+    let leader_body = body_of(leader).await;
+    assert!(
+        std::str::from_utf8(&leader_body)
+            .expect("utf-8")
+            .contains("render 1")
+    );
+    // The follower must not take the leader's (stale) page: it renders itself.
+    until_in_handler(&site, &mut follower).await;
+    site.release.notify_one();
+    let follower_body = body_of(follower).await;
+    assert!(
+        std::str::from_utf8(&follower_body)
+            .expect("utf-8")
+            .contains("render 2"),
+        "the follower got {follower_body:?}"
+    );
+    assert_eq!(site.renders_of("/race/stale"), 2);
+    assert_eq!(cache.stats().shared, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_while_the_page_is_being_stored_shares_the_render() {
+    let pages = Memcached::start();
+    let index = Memcached::start();
+    let mut config = Config::default();
+    config.memcached.servers = vec![mcpage::config::ServerSpec::new(pages.address())];
+    config.memcached.index_servers = vec![mcpage::config::ServerSpec::new(index.address())];
+    // A paused page server holds the write instead of failing it.
+    config.memcached.timeout_ms = 60_000;
+    let cache = Cache::connect(&config).await.expect("cache");
+    let site = Site::default();
+    let router = site_router(&site, &cache);
+
+    pages.pause();
+    let first = body_of(call(&router, "/written")).await;
+    // The render is done; its write waits for the page server. nginx cannot
+    // answer yet, so this request reaches the app: it shares the render.
+    let second = body_of(call(&router, "/written")).await;
+    assert_eq!(first, second);
+    assert_eq!(site.renders_of("/written"), 1);
+    assert_eq!(cache.stats().shared, 1);
+
+    pages.resume();
+    cache.settle().await;
+    let key = cache
+        .page_key(None, b"/written")
+        .expect("cacheable target")
+        .key;
+    assert_eq!(
+        pages.get_raw(&key).map(|(_, body)| body),
+        Some(first.to_vec())
+    );
+    // Stored: the flight is over (nginx answers from now on; this request
+    // came to the app directly, so it renders).
+    body_of(call(&router, "/written")).await;
+    assert_eq!(site.renders_of("/written"), 2);
+    assert_eq!(cache.stats().shared, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

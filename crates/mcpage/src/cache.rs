@@ -126,6 +126,8 @@ pub(crate) struct PageWrite {
     pub(crate) tags: Vec<String>,
     /// The invalidation clock read before the render started.
     pub(crate) clock: u64,
+    /// The layer's single-flight for this page, closed when the write ends.
+    pub(crate) flight: Option<crate::layer::Leader>,
 }
 
 /// How a write ended.
@@ -312,6 +314,7 @@ impl Cache {
             ttl: self.inner.config.cache.ttl_secs,
             tags,
             clock,
+            flight: None,
         };
         match self.write(&page).await? {
             Written::Stored => Ok(page.key),
@@ -450,6 +453,10 @@ impl Cache {
                     cache.inner.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(key = %String::from_utf8_lossy(&page.key.key), %error, "page not cached");
                 }
+            }
+            // Stored (nginx answers from now on) or not: new requests render again.
+            if let Some(flight) = page.flight {
+                flight.close();
             }
         });
     }

@@ -37,6 +37,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 pub use body::PageBody;
+pub(crate) use service::Leader;
 pub use service::PageCache;
 
 use crate::cache::Cache;
@@ -60,7 +61,9 @@ impl PageCacheLayer {
     }
 
     /// Concurrent misses for one key render once and share the response
-    /// (default: on). Only responses that would be cached are shared.
+    /// (default: on). Only responses that would be cached are shared, until
+    /// the page is stored, and never with a request that arrived after an
+    /// invalidation started (it renders itself).
     pub fn single_flight(mut self, enabled: bool) -> Self {
         self.single_flight = enabled;
         self

@@ -45,11 +45,16 @@ struct Shared {
     status: StatusCode,
     headers: HeaderMap,
     body: Bytes,
+    /// The invalidation clock the leader read before it rendered.
+    clock: u64,
 }
 
 type FlightState = Option<Option<Arc<Shared>>>;
 
-/// In-flight renders by page key.
+/// In-flight renders by page key. A flight stays open after its render
+/// until the page is stored (or the write fails): requests arriving before
+/// nginx can answer them from memcached share the render instead of
+/// starting another.
 #[derive(Debug, Default)]
 pub(crate) struct Flights(Mutex<HashMap<Vec<u8>, watch::Receiver<FlightState>>>);
 
@@ -59,16 +64,23 @@ enum Role {
 }
 
 /// Removes its flight on drop; followers of a leader that vanished (client
-/// gone, panic) see the channel close and render themselves.
-struct Leader {
+/// gone, panic) see the channel close and render themselves. A finished
+/// leader rides along with the page's background write.
+#[derive(Debug)]
+pub(crate) struct Leader {
     flights: Arc<Flights>,
     key: Vec<u8>,
     sender: watch::Sender<FlightState>,
 }
 
 impl Leader {
-    fn finish(self, shared: Option<Arc<Shared>>) {
+    fn finish(&self, shared: Option<Arc<Shared>>) {
         self.sender.send_replace(Some(shared));
+    }
+
+    /// End the flight: later requests for the key start their own render.
+    pub(crate) fn close(self) {
+        drop(self);
     }
 }
 
@@ -215,11 +227,23 @@ where
         None => None,
         Some(Role::Leader(leader)) => Some(leader),
         Some(Role::Follower(mut receiver)) => {
+            // The leader's render may predate an invalidation that finished
+            // before this request arrived: share it only when no invalidation
+            // started between the leader's clock read and this one.
+            let clock = match cache.read_clock(Mode::FailFast).await {
+                Ok(clock) => clock,
+                Err(error) => {
+                    metrics.bypassed(Bypass::Unavailable);
+                    tracing::debug!(%error, "cache bypass: invalidation clock unavailable");
+                    return bypass(inner, request).await;
+                }
+            };
             let shared = receiver
                 .wait_for(Option::is_some)
                 .await
                 .ok()
-                .and_then(|state| state.clone().flatten());
+                .and_then(|state| state.clone().flatten())
+                .filter(|shared| shared.clock >= clock);
             if let Some(shared) = shared {
                 metrics.shared.fetch_add(1, Ordering::Relaxed);
                 let mut response = Response::new(PageBody::buffered(shared.body.clone(), None));
@@ -227,7 +251,8 @@ where
                 *response.headers_mut() = shared.headers.clone();
                 return Ok(response);
             }
-            // The leader's response was not cacheable (or it went away): render ourselves.
+            // The leader's response was not cacheable, is older than an
+            // invalidation, or the leader went away: render ourselves.
             None
         }
     };
@@ -304,6 +329,17 @@ where
             return Ok(response);
         }
     };
+    parts.headers.insert(X_CACHE.clone(), MISS.clone());
+    if let Some(leader) = &leader {
+        leader.finish(trailers.is_none().then(|| {
+            Arc::new(Shared {
+                status: parts.status,
+                headers: parts.headers.clone(),
+                body: data.clone(),
+                clock,
+            })
+        }));
+    }
     if trailers.is_none() {
         cache.spawn_write(PageWrite {
             key,
@@ -311,17 +347,8 @@ where
             ttl,
             tags,
             clock,
+            flight: leader,
         });
-    }
-    parts.headers.insert(X_CACHE.clone(), MISS.clone());
-    if let Some(leader) = leader {
-        leader.finish(trailers.is_none().then(|| {
-            Arc::new(Shared {
-                status: parts.status,
-                headers: parts.headers.clone(),
-                body: data.clone(),
-            })
-        }));
     }
     Ok(Response::from_parts(
         parts,
