@@ -843,6 +843,10 @@ fn config_errors_name_the_field() {
         ),
         ("[memcached]\nhashing = \"ketama\"\n", "hashing"),
         ("[memcached]\ntimeout_ms = 0\n", "memcached.timeout_ms"),
+        (
+            "[proxy]\nupstream_timeout_ms = 0\n",
+            "proxy.upstream_timeout_ms",
+        ),
         ("[memcached]\ntimeout_ms = -1\n", "timeout_ms"),
         ("[keys]\nprefix = \"a b\"\n", "keys.prefix"),
         ("[keys]\nquery = \"sometimes\"\n", "query"),

@@ -335,6 +335,8 @@ struct Setup<'a> {
     flags: bool,
     /// More arguments for `mcpage proxy`.
     args: &'a [&'a str],
+    /// More environment variables for `mcpage proxy`.
+    env: &'a [(&'a str, &'a str)],
 }
 
 // Fields drop in order: nginx and the proxy stop before what they talk to.
@@ -392,6 +394,7 @@ impl Env {
             .token_in_env
             .map(|token| ("MCPAGE_PROXY__INVALIDATE_TOKEN", token))
             .into_iter()
+            .chain(setup.env.iter().copied())
             .collect();
         let proxy = Proxy::start(&config_file, &listen, &args, &env).await;
         let nginx = Nginx::start(&config);
@@ -968,6 +971,31 @@ async fn backend_down_gives_502_and_the_proxy_survives() {
 /// The request reaches the backend as sent: raw target, Host, forwarded
 /// headers (peer appended), bodies streamed; hop-by-hop headers dropped both
 /// ways; odd targets answered, never a crash; SIGTERM lets requests finish.
+/// `proxy.upstream_timeout_ms` and `proxy.cache_untagged` come from the
+/// configuration (here its environment variables) when no flag is given.
+#[tokio::test]
+async fn upstream_timeout_and_untagged_caching_come_from_the_config() {
+    let env = Env::start(Setup {
+        env: &[
+            ("MCPAGE_PROXY__UPSTREAM_TIMEOUT_MS", "400"),
+            ("MCPAGE_PROXY__CACHE_UNTAGGED", "true"),
+        ],
+        ..Setup::default()
+    })
+    .await;
+    assert_cache(&env.page("/untagged").await, "MISS");
+    env.wait_stored("/untagged").await;
+    assert_cache(&env.page("/untagged").await, "HIT");
+    assert!(env.proxy.log().contains("caching untagged pages too"));
+    let slow = get(&env.proxy.url("/slow/3000"), &[]).await;
+    assert_eq!(slow.status, 504, "{}", slow.text());
+    assert!(
+        slow.text().ends_with("did not answer within 400 ms\n"),
+        "{}",
+        slow.text()
+    );
+}
+
 #[tokio::test]
 async fn requests_are_forwarded_faithfully_and_shutdown_is_graceful() {
     let mut env = Env::start(Setup::default()).await;

@@ -295,6 +295,12 @@ pub struct ProxyConfig {
     pub upstream: String,
     /// Bearer token for `POST /_mcpage/invalidate`; none disables the endpoint.
     pub invalidate_token: Option<String>,
+    /// How long the backend may take to connect and send its response head
+    /// before the proxy answers 504.
+    pub upstream_timeout_ms: u64,
+    /// Also cache pages without an `X-Cache-Tags` header (removable only by
+    /// URL, prefix or TTL). Off: a page is cached only when the backend tags it.
+    pub cache_untagged: bool,
 }
 
 impl Default for ProxyConfig {
@@ -303,6 +309,8 @@ impl Default for ProxyConfig {
             listen: "127.0.0.1:8081".to_owned(),
             upstream: "http://127.0.0.1:8000".to_owned(),
             invalidate_token: None,
+            upstream_timeout_ms: 30_000,
+            cache_untagged: false,
         }
     }
 }
@@ -363,6 +371,12 @@ impl Config {
         )?;
         if self.memcached.timeout_ms == 0 {
             return Err(Error::config("memcached.timeout_ms", "must be at least 1"));
+        }
+        if self.proxy.upstream_timeout_ms == 0 {
+            return Err(Error::config(
+                "proxy.upstream_timeout_ms",
+                "must be at least 1",
+            ));
         }
         if self
             .keys

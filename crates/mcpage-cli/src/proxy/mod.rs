@@ -57,11 +57,12 @@ pub(crate) struct Args {
     #[arg(long, value_name = "URL")]
     upstream: Option<String>,
     /// How long to wait for the backend to connect and send its response head
-    /// before answering 504.
-    #[arg(long, value_name = "MS", default_value_t = 30_000)]
-    upstream_timeout_ms: u64,
+    /// before answering 504 [default: `proxy.upstream_timeout_ms`, 30000].
+    #[arg(long, value_name = "MS")]
+    upstream_timeout_ms: Option<u64>,
     /// Also cache pages that carry no `X-Cache-Tags` header (removable only by
-    /// URL, prefix or TTL). By default a page is cached only when the backend tags it.
+    /// URL, prefix or TTL) [default: `proxy.cache_untagged`, off: a page is
+    /// cached only when the backend tags it].
     #[arg(long)]
     cache_untagged: bool,
 }
@@ -93,10 +94,14 @@ pub(crate) async fn run(config: &mcpage::Config, args: Args) -> anyhow::Result<E
             return Ok(ExitCode::from(2));
         }
     };
-    if args.upstream_timeout_ms == 0 {
+    let upstream_timeout_ms = args
+        .upstream_timeout_ms
+        .unwrap_or(config.proxy.upstream_timeout_ms);
+    if upstream_timeout_ms == 0 {
         eprintln!("mcpage: invalid `--upstream-timeout-ms`: must be at least 1");
         return Ok(ExitCode::from(2));
     }
+    let cache_untagged = args.cache_untagged || config.proxy.cache_untagged;
     let listen = args.listen.as_deref().unwrap_or(&config.proxy.listen);
 
     // Before binding: a signal that arrives once we listen must not kill us.
@@ -110,8 +115,8 @@ pub(crate) async fn run(config: &mcpage::Config, args: Args) -> anyhow::Result<E
     let upstream_text = upstream.to_string();
     let forward = Forward::new(
         upstream,
-        Duration::from_millis(args.upstream_timeout_ms),
-        args.cache_untagged,
+        Duration::from_millis(upstream_timeout_ms),
+        cache_untagged,
     );
     let state = Arc::new(State {
         service: PageCacheLayer::new(cache.clone()).layer(forward),
@@ -132,7 +137,7 @@ pub(crate) async fn run(config: &mcpage::Config, args: Args) -> anyhow::Result<E
         } else {
             ", invalidate endpoint off (no proxy.invalidate_token)"
         },
-        if args.cache_untagged {
+        if cache_untagged {
             ", caching untagged pages too"
         } else {
             ""
