@@ -549,6 +549,31 @@ mod tests {
     use super::*;
     use figment::Jail;
 
+    /// The reference block in README.md's "Configuration" section is the
+    /// defaults (but for the example's second server), field for field.
+    #[test]
+    fn readme_documents_every_default() {
+        let readme = include_str!("../../../README.md");
+        let section = readme
+            .split_once("\n## Configuration\n")
+            .map(|(_, rest)| rest)
+            .expect("README has a Configuration section");
+        let block = section
+            .split_once("```toml\n")
+            .and_then(|(_, rest)| rest.split_once("```"))
+            .map(|(block, _)| block)
+            .expect("the section has a toml block");
+        let documented: Config = Figment::from(Toml::string(block))
+            .extract()
+            .expect("the README's block parses");
+        let mut expected = Config::default();
+        expected
+            .memcached
+            .servers
+            .push(ServerSpec::new("127.0.0.1:11212"));
+        assert_eq!(format!("{documented:#?}"), format!("{expected:#?}"));
+    }
+
     #[test]
     fn defaults_are_valid() {
         Config::default().validate().expect("defaults");
