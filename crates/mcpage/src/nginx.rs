@@ -99,8 +99,8 @@ pub fn render_nginx_full(config: &Config, prefix_dir: &Path) -> String {
     let mut out = String::new();
     out.push_str("# Rendered by mcpage: a self-contained nginx.conf (see `render_nginx_full`).\n");
     out.push_str("worker_processes 1;\n");
-    // The bypass and log maps are regexes: JIT-compiled, nginx spends about
-    // 12 % fewer instructions per hit (callgrind, nginx 1.22).
+    // The regexes left in the maps (method, query, key length), JIT-compiled:
+    // 3 % fewer nginx instructions per hit (callgrind, nginx 1.22).
     out.push_str("pcre_jit on;\n");
     let _ = writeln!(out, "pid {};", path("nginx.pid"));
     let _ = writeln!(out, "lock_file {};", path("nginx.lock"));
