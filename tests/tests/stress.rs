@@ -126,3 +126,105 @@ async fn no_stale_page_survives_concurrent_invalidation() {
         "the rounds never produced an overlap; the test would prove nothing"
     );
 }
+
+/// With single-flight on, concurrent requests share renders, including renders
+/// that are still being stored: a request that starts after an invalidation
+/// returned must never be answered with a page rendered from older data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_request_after_an_invalidation_gets_an_older_shared_render() {
+    const SHARED_PAGES: u64 = 4;
+    const REQUESTS_PER_ROUND: usize = 16;
+    let memcached = Memcached::start();
+    let mut config = Config::default();
+    config.memcached.servers = vec![mcpage::config::ServerSpec::new(memcached.address())];
+    config.memcached.timeout_ms = 2_000;
+    let cache = Cache::connect(&config).await.expect("cache");
+
+    let version = Arc::new(AtomicU64::new(0));
+    let router = Router::new()
+        .fallback(|State(version): State<Arc<AtomicU64>>| async move {
+            let seen = version.load(Ordering::SeqCst);
+            yield_times(4).await;
+            (
+                CacheTags::new(["data"]),
+                [(header::CONTENT_TYPE, "text/html")],
+                format!("{seen}"),
+            )
+        })
+        .with_state(Arc::clone(&version))
+        .layer(PageCacheLayer::new(cache.clone()));
+    // The version every request starting now must at least see: published
+    // once its invalidation has returned.
+    let confirmed = Arc::new(AtomicU64::new(0));
+
+    let mut rng = XorShift(0x2545_F491_4F6C_DD1D);
+    let rounds = rounds();
+    let mut older = 0usize;
+    for round in 0..rounds {
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..REQUESTS_PER_ROUND {
+            let path = format!("/s/{}", rng.below(SHARED_PAGES));
+            let delay = rng.below(24);
+            let router = router.clone();
+            let confirmed = Arc::clone(&confirmed);
+            tasks.spawn(async move {
+                yield_times(delay).await;
+                let floor = confirmed.load(Ordering::SeqCst);
+                let request = axum::http::Request::get(path)
+                    .body(axum::body::Body::empty())
+                    .expect("request");
+                let response = router.oneshot(request).await.expect("infallible");
+                let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+                    .await
+                    .expect("body");
+                let seen: u64 = std::str::from_utf8(&body)
+                    .ok()
+                    .and_then(|text| text.parse().ok())
+                    .expect("a version");
+                (floor, seen)
+            });
+        }
+        let writer_delay = rng.below(16);
+        let writer = {
+            let version = Arc::clone(&version);
+            let confirmed = Arc::clone(&confirmed);
+            let cache = cache.clone();
+            tokio::spawn(async move {
+                yield_times(writer_delay).await;
+                let committed = version.fetch_add(1, Ordering::SeqCst) + 1;
+                let result = cache.invalidator().invalidate_tags(["data"]).await;
+                if result.is_ok() {
+                    confirmed.fetch_max(committed, Ordering::SeqCst);
+                }
+                result
+            })
+        };
+        while let Some(answer) = tasks.join_next().await {
+            let (floor, seen) = answer.expect("request task");
+            if seen < floor {
+                older += 1;
+                eprintln!("round {round}: a request that started at version {floor} got {seen}");
+            }
+        }
+        writer
+            .await
+            .expect("writer task")
+            .expect("invalidation confirmed");
+    }
+    cache.settle().await;
+    let stats = cache.stats();
+    println!(
+        "shared renders: {rounds} rounds of {REQUESTS_PER_ROUND} requests on {SHARED_PAGES} pages, \
+         {} answered from another request's render, {} renders retracted; \
+         answers older than a returned invalidation: {older}",
+        stats.shared, stats.retracted
+    );
+    assert_eq!(
+        older, 0,
+        "a request got a render older than an invalidation it followed"
+    );
+    assert!(
+        stats.shared > 0,
+        "no request ever shared a render; the test would prove nothing"
+    );
+}
