@@ -223,21 +223,24 @@ where
     ResBody: Body<Data = Bytes> + Unpin,
 {
     let metrics = &cache.inner.metrics;
-    let leader = match flights.map(|f| f.join(&key.key)) {
+    let role = flights.map(|f| f.join(&key.key));
+    // The clock must be read before the render starts (see DESIGN.md); a
+    // follower also judges the leader's render by it.
+    let clock = match cache.read_clock(Mode::FailFast).await {
+        Ok(clock) => clock,
+        Err(error) => {
+            metrics.bypassed(Bypass::Unavailable);
+            tracing::debug!(%error, "cache bypass: invalidation clock unavailable");
+            return bypass(inner, request).await;
+        }
+    };
+    let leader = match role {
         None => None,
         Some(Role::Leader(leader)) => Some(leader),
         Some(Role::Follower(mut receiver)) => {
             // The leader's render may predate an invalidation that finished
             // before this request arrived: share it only when no invalidation
             // started between the leader's clock read and this one.
-            let clock = match cache.read_clock(Mode::FailFast).await {
-                Ok(clock) => clock,
-                Err(error) => {
-                    metrics.bypassed(Bypass::Unavailable);
-                    tracing::debug!(%error, "cache bypass: invalidation clock unavailable");
-                    return bypass(inner, request).await;
-                }
-            };
             let shared = receiver
                 .wait_for(Option::is_some)
                 .await
@@ -252,20 +255,12 @@ where
                 return Ok(response);
             }
             // The leader's response was not cacheable, is older than an
-            // invalidation, or the leader went away: render ourselves.
+            // invalidation, or the leader went away: render ourselves (with
+            // this request's clock, read before its render as well).
             None
         }
     };
 
-    // The clock must be read before the render starts; see DESIGN.md.
-    let clock = match cache.read_clock(Mode::FailFast).await {
-        Ok(clock) => clock,
-        Err(error) => {
-            metrics.bypassed(Bypass::Unavailable);
-            tracing::debug!(%error, "cache bypass: invalidation clock unavailable");
-            return bypass(inner, request).await;
-        }
-    };
     metrics.misses.fetch_add(1, Ordering::Relaxed);
     let response = inner.call(request).await?;
     let (mut parts, body) = response.into_parts();
