@@ -730,6 +730,15 @@ async fn body_of(call: Call) -> axum::body::Bytes {
         .expect("body")
 }
 
+/// A cache on one fresh memcached (pages and index), with the default config.
+async fn cache_on_one_memcached() -> (Memcached, Cache) {
+    let memcached = Memcached::start();
+    let mut config = Config::default();
+    config.memcached.servers = vec![mcpage::config::ServerSpec::new(memcached.address())];
+    let cache = Cache::connect(&config).await.expect("cache");
+    (memcached, cache)
+}
+
 fn site_router(site: &Site, cache: &Cache) -> Router {
     Router::new()
         .fallback(page)
@@ -739,10 +748,7 @@ fn site_router(site: &Site, cache: &Cache) -> Router {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_misses_for_one_key_render_once() {
-    let memcached = Memcached::start();
-    let mut config = Config::default();
-    config.memcached.servers = vec![mcpage::config::ServerSpec::new(memcached.address())];
-    let cache = Cache::connect(&config).await.expect("cache");
+    let (_memcached, cache) = cache_on_one_memcached().await;
     let site = Site::default();
     let router = site_router(&site, &cache);
     // The leader reads the clock and enters the handler, which waits for `release`.
@@ -768,10 +774,7 @@ async fn concurrent_misses_for_one_key_render_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_never_gets_a_render_older_than_an_invalidation() {
-    let memcached = Memcached::start();
-    let mut config = Config::default();
-    config.memcached.servers = vec![mcpage::config::ServerSpec::new(memcached.address())];
-    let cache = Cache::connect(&config).await.expect("cache");
+    let (_memcached, cache) = cache_on_one_memcached().await;
     let site = Site::default();
     let router = site_router(&site, &cache);
     // The leader read the clock and is rendering from data about to change...

@@ -26,13 +26,19 @@ async fn yield_times(n: u64) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn no_stale_page_survives_concurrent_invalidation() {
+/// A cache on one fresh memcached, patient enough for a loaded machine.
+async fn cache_on_one_memcached() -> (Memcached, Cache) {
     let memcached = Memcached::start();
     let mut config = Config::default();
     config.memcached.servers = vec![mcpage::config::ServerSpec::new(memcached.address())];
     config.memcached.timeout_ms = 2_000;
     let cache = Cache::connect(&config).await.expect("cache");
+    (memcached, cache)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_stale_page_survives_concurrent_invalidation() {
+    let (memcached, cache) = cache_on_one_memcached().await;
 
     // The "database": one version number every page shows.
     let version = Arc::new(AtomicU64::new(0));
@@ -134,11 +140,7 @@ async fn no_stale_page_survives_concurrent_invalidation() {
 async fn no_request_after_an_invalidation_gets_an_older_shared_render() {
     const SHARED_PAGES: u64 = 4;
     const REQUESTS_PER_ROUND: usize = 16;
-    let memcached = Memcached::start();
-    let mut config = Config::default();
-    config.memcached.servers = vec![mcpage::config::ServerSpec::new(memcached.address())];
-    config.memcached.timeout_ms = 2_000;
-    let cache = Cache::connect(&config).await.expect("cache");
+    let (_memcached, cache) = cache_on_one_memcached().await;
 
     let version = Arc::new(AtomicU64::new(0));
     let router = Router::new()
