@@ -408,6 +408,24 @@ impl Env {
         }
     }
 
+    /// With untagged caching on: a page without `X-Cache-Tags` is cached; a
+    /// backend slower than `timeout_ms` gets a 504 naming the limit.
+    async fn untagged_is_cached_and_slow_backend_times_out(&self, timeout_ms: u64) {
+        assert_cache(&self.page("/untagged").await, "MISS");
+        self.wait_stored("/untagged").await;
+        assert_cache(&self.page("/untagged").await, "HIT");
+        assert!(self.proxy.log().contains("caching untagged pages too"));
+        let slow = get(&self.proxy.url("/slow/3000"), &[]).await;
+        assert_eq!(slow.status, 504, "{}", slow.text());
+        assert_eq!(
+            slow.text(),
+            format!(
+                "mcpage proxy: upstream http://127.0.0.1:{} did not answer within {timeout_ms} ms\n",
+                self.upstream_port
+            )
+        );
+    }
+
     fn backend(&self) -> &Backend {
         self.backend.as_ref().expect("a backend")
     }
@@ -922,22 +940,8 @@ async fn backend_down_gives_502_and_the_proxy_survives() {
     assert_cache(&miss, "MISS");
     env.wait_stored("/articles/1").await;
     assert_cache(&env.page("/articles/1").await, "HIT");
-    // --cache-untagged: a page without X-Cache-Tags is cached as well.
-    assert_cache(&env.page("/untagged").await, "MISS");
-    env.wait_stored("/untagged").await;
-    assert_cache(&env.page("/untagged").await, "HIT");
-    assert!(env.proxy.log().contains("caching untagged pages too"));
-
-    // A backend slower than --upstream-timeout-ms.
-    let slow = get(&env.proxy.url("/slow/3000"), &[]).await;
-    assert_eq!(slow.status, 504, "{}", slow.text());
-    assert_eq!(
-        slow.text(),
-        format!(
-            "mcpage proxy: upstream http://127.0.0.1:{} did not answer within 500 ms\n",
-            env.upstream_port
-        )
-    );
+    // --cache-untagged and --upstream-timeout-ms.
+    env.untagged_is_cached_and_slow_backend_times_out(500).await;
     assert_eq!(
         get(&env.proxy.url("/_mcpage/health"), &[]).await.status,
         200
@@ -968,9 +972,6 @@ async fn backend_down_gives_502_and_the_proxy_survives() {
     );
 }
 
-/// The request reaches the backend as sent: raw target, Host, forwarded
-/// headers (peer appended), bodies streamed; hop-by-hop headers dropped both
-/// ways; odd targets answered, never a crash; SIGTERM lets requests finish.
 /// `proxy.upstream_timeout_ms` and `proxy.cache_untagged` come from the
 /// configuration (here its environment variables) when no flag is given.
 #[tokio::test]
@@ -983,19 +984,12 @@ async fn upstream_timeout_and_untagged_caching_come_from_the_config() {
         ..Setup::default()
     })
     .await;
-    assert_cache(&env.page("/untagged").await, "MISS");
-    env.wait_stored("/untagged").await;
-    assert_cache(&env.page("/untagged").await, "HIT");
-    assert!(env.proxy.log().contains("caching untagged pages too"));
-    let slow = get(&env.proxy.url("/slow/3000"), &[]).await;
-    assert_eq!(slow.status, 504, "{}", slow.text());
-    assert!(
-        slow.text().ends_with("did not answer within 400 ms\n"),
-        "{}",
-        slow.text()
-    );
+    env.untagged_is_cached_and_slow_backend_times_out(400).await;
 }
 
+/// The request reaches the backend as sent: raw target, Host, forwarded
+/// headers (peer appended), bodies streamed; hop-by-hop headers dropped both
+/// ways; odd targets answered, never a crash; SIGTERM lets requests finish.
 #[tokio::test]
 async fn requests_are_forwarded_faithfully_and_shutdown_is_graceful() {
     let mut env = Env::start(Setup::default()).await;
