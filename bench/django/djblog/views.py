@@ -38,7 +38,7 @@ def layout():
             Category.objects.annotate(count=Count("articles")).order_by(Lower("name"))
         ),
         "months": months,
-        "rendered_at": datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M:%S"),
+        "rendered_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
     }
 
 
