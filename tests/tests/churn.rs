@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::extract::OriginalUri;
 use axum::http::header;
-use mcpage::config::ServerSpec;
+use mcpage::ServerSpec;
 use mcpage::{Cache, CacheTags, Config, PageCacheLayer};
 use mcpage_tests::{Memcached, XorShift, env_count};
 use tower::ServiceExt;
@@ -71,7 +71,7 @@ fn index_items(index: &Memcached) -> (usize, usize, usize) {
 
 async fn largest_index_item(cache: &Cache) -> usize {
     let usage = cache.index_usage().await;
-    let (_, usage) = usage.first().expect("one index server");
+    let usage = &usage.first().expect("one index server").result;
     let largest = usage.as_ref().expect("index usage").largest;
     usize::try_from(largest).unwrap_or(usize::MAX)
 }
@@ -148,7 +148,7 @@ async fn index_stays_bounded_under_churn() {
         done += n as u64;
         batches += 1;
         if batches % SETTLE_EVERY == 0 {
-            cache.settle().await;
+            cache.wait_for_writes().await;
         }
         writing += batch_started.elapsed();
         if done >= next_invalidation {
@@ -163,7 +163,7 @@ async fn index_stays_bounded_under_churn() {
         }
         if done >= next_sample || done == writes {
             next_sample += sample_every;
-            cache.settle().await;
+            cache.wait_for_writes().await;
             // One metadump: item sizes as memcached counts them (key and
             // header included), so at least the value sizes.
             let largest = largest_index_item(&cache).await;
@@ -174,13 +174,13 @@ async fn index_stays_bounded_under_churn() {
             );
         }
     }
-    cache.settle().await;
+    cache.wait_for_writes().await;
     let write_rate = writes as f64 / writing.as_secs_f64();
 
     // Exact value sizes at the end, and item sizes as memcached counts them.
     let (items, largest_value, total) = index_items(&index);
     let usage = cache.index_usage().await;
-    let (_, usage) = usage.first().expect("one index server");
+    let usage = &usage.first().expect("one index server").result;
     let usage = usage.as_ref().expect("index usage");
     largest_seen = largest_seen.max(usize::try_from(usage.largest).unwrap_or(usize::MAX));
     let evictions = stat(&index, "evictions");

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::extract::{OriginalUri, State};
 use axum::http::header;
-use mcpage::config::ServerSpec;
+use mcpage::ServerSpec;
 use mcpage::{Cache, CacheTags, Config, PageCacheLayer};
 use mcpage_tests::{App, Memcached, Nginx, XorShift, env_count, free_addr, try_request};
 use tokio::sync::Notify;
@@ -236,7 +236,7 @@ impl Run {
         self.cache
             .page_key(None, format!("/p/{page}").as_bytes())
             .expect("cacheable")
-            .key
+            .escaped
     }
 
     fn readable(&self, faulty: Faulty) -> Vec<&Memcached> {
@@ -338,7 +338,7 @@ impl Run {
             latencies.extend(result.latencies);
             hits += result.hits;
             // Every request has finished, so every write was started: wait for them.
-            self.cache.settle().await;
+            self.cache.wait_for_writes().await;
             let stale = self.stale_pages(faulty);
             if outcome.is_ok() {
                 for page in &stale {
@@ -399,8 +399,8 @@ impl Run {
             stats
                 .bypass
                 .iter()
-                .find(|(b, _)| b.reason() == "unavailable")
-                .map_or(0, |(_, n)| *n),
+                .find(|b| b.reason == mcpage::Bypass::Unavailable)
+                .map_or(0, |b| b.count),
         );
         println!("faults: {line}");
         self.latency.push((name.to_owned(), p50, p99));
@@ -518,7 +518,7 @@ async fn memcached_faults_under_load_fail_open_and_never_leave_a_stale_page() {
     run.pages[1].pause();
     run.phase("page server paused", Faulty::Page(1), true).await;
     run.pages[1].resume();
-    run.cache.settle().await;
+    run.cache.wait_for_writes().await;
     let retried_after_pause = run.retry_pending("after SIGCONT").await;
     let stale = run.stale_pages(Faulty::None);
     assert!(stale.is_empty(), "after resume and retries: {stale:?}");

@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get as get_route;
 use mcpage::Config;
-use mcpage::config::ServerSpec;
+use mcpage::ServerSpec;
 use mcpage_tests::{
     App, Memcached, Nginx, free_addr, get, gzip, request, request_target, wait_until,
 };

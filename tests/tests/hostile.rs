@@ -24,7 +24,7 @@ use axum::body::Body;
 use axum::extract::{OriginalUri, State};
 use axum::http::{HeaderMap, HeaderValue, Request, header};
 use axum::response::{IntoResponse, Response};
-use mcpage::config::ServerSpec;
+use mcpage::ServerSpec;
 use mcpage::key::{
     KeyScheme, QueryMode, memcached_escape, memcached_unescape, nginx_host, nginx_uri, split_url,
     wire_key_len,
@@ -101,11 +101,11 @@ async fn connect(memcached: &Memcached, tweak: impl FnOnce(&mut Config)) -> (Con
 
 /// Is `key` a key memcached accepts and the one nginx would send for `value`?
 fn check_key(key: &mcpage::key::PageKey) -> Result<(), TestCaseError> {
-    prop_assert_eq!(&memcached_escape(&key.value), &key.key);
-    let unescaped = memcached_unescape(&key.key);
-    prop_assert_eq!(unescaped.as_ref(), Some(&key.value));
-    prop_assert!(wire_key_len(&key.key) <= 250, "{:?}", key);
-    prop_assert!(!key.key.iter().any(|b| *b <= b' '), "{:?}", key);
+    prop_assert_eq!(&memcached_escape(&key.unescaped), &key.escaped);
+    let unescaped = memcached_unescape(&key.escaped);
+    prop_assert_eq!(unescaped.as_ref(), Some(&key.unescaped));
+    prop_assert!(wire_key_len(&key.escaped) <= 250, "{:?}", key);
+    prop_assert!(!key.escaped.iter().any(|b| *b <= b' '), "{:?}", key);
     prop_assert_eq!(key.uri.first(), Some(&b'/'));
     Ok(())
 }
@@ -229,8 +229,8 @@ fn key_functions_take_any_bytes() {
                 if let Ok(key) = first {
                     ok[i].bump();
                     check_key(&key)?;
-                    prop_assert!(key.value.starts_with(scheme.prefix()));
-                    let rest = &key.value[scheme.prefix().len()..];
+                    prop_assert!(key.unescaped.starts_with(scheme.prefix()));
+                    let rest = &key.unescaped[scheme.prefix().len()..];
                     if scheme.host() {
                         let keyed_host = rest.split(|b| *b == b'/').next().unwrap_or_default();
                         prop_assert!(!keyed_host.is_empty());
@@ -324,7 +324,7 @@ fn request_targets_through_the_layer() {
                                 TestCaseError::fail(format!("MISS but classify says {b}"))
                             })?;
                             check_key(&key)?;
-                            stored.borrow_mut().push(key.key);
+                            stored.borrow_mut().push(key.escaped);
                         }
                         "BYPASS" => {}
                         other => prop_assert!(false, "X-Cache {:?}", other),
@@ -336,7 +336,7 @@ fn request_targets_through_the_layer() {
         .unwrap_or_else(|e| panic!("{e}"));
     rt.block_on(async {
         for (cache, _) in &routers {
-            cache.settle().await;
+            cache.wait_for_writes().await;
         }
     });
     let stored = stored.into_inner();
@@ -438,8 +438,8 @@ fn any_tag_string_indexes_and_invalidates() {
                 .collect();
             let fits = effective.iter().all(|t| t.len() <= 1024);
             prop_assert_eq!(verdict.as_str(), if fits { "MISS" } else { "BYPASS" });
-            rt.block_on(cache.settle());
-            let key = cache.page_key(None, path.as_bytes()).expect("key").key;
+            rt.block_on(cache.wait_for_writes());
+            let key = cache.page_key(None, path.as_bytes()).expect("key").escaped;
             prop_assert_eq!(memcached.get_raw(&key).is_some(), fits);
             if !fits {
                 return Ok(());
@@ -507,8 +507,8 @@ fn oversized_tag_sets_are_served_not_cached() {
                 "{path}"
             );
             assert_eq!(body_of(response).await, format!("page {path}").into_bytes());
-            cache.settle().await;
-            let key = cache.page_key(None, path.as_bytes()).expect("key").key;
+            cache.wait_for_writes().await;
+            let key = cache.page_key(None, path.as_bytes()).expect("key").escaped;
             assert_eq!(memcached.get_raw(&key).is_some(), cached, "{path}");
         }
         let removed = cache
@@ -569,8 +569,8 @@ fn any_x_cache_tags_header_is_removed_and_never_fails_the_page() {
                 rt.block_on(body_of(response)),
                 format!("page {path}").into_bytes()
             );
-            rt.block_on(cache.settle());
-            let key = cache.page_key(None, path.as_bytes()).expect("key").key;
+            rt.block_on(cache.wait_for_writes());
+            let key = cache.page_key(None, path.as_bytes()).expect("key").escaped;
             match verdict.as_str() {
                 "MISS" => {
                     misses.bump();
@@ -649,7 +649,7 @@ async fn huge_x_cache_tags_headers_through_nginx() {
     }
     let fine = get(&nginx.url("/fine"), &[]).await;
     assert_eq!(fine.header("x-cache"), Some("MISS"));
-    cache.settle().await;
+    cache.wait_for_writes().await;
     let pages: Vec<Vec<u8>> = memcached
         .keys()
         .into_iter()
@@ -1034,14 +1034,14 @@ async fn page_over_the_item_limit(gzip: bool) {
     config.nginx.app = app.address();
     config.nginx.listen = free_addr();
     let nginx = Nginx::start(&config);
-    let key = cache.page_key(None, b"/grow").expect("key").key;
+    let key = cache.page_key(None, b"/grow").expect("key").escaped;
 
     // The small version is cached and served by nginx.
     assert_eq!(
         get(&nginx.url("/grow"), &[]).await.header("x-cache"),
         Some("MISS")
     );
-    cache.settle().await;
+    cache.wait_for_writes().await;
     let hit = get(&nginx.url("/grow"), &[]).await;
     assert_eq!(hit.header("x-cache"), Some("HIT"));
     assert!(memcached.get_raw(&key).is_some());
@@ -1058,7 +1058,7 @@ async fn page_over_the_item_limit(gzip: bool) {
         direct.body == mcpage_tests::random_text(2 << 20, 7),
         "the whole page"
     );
-    cache.settle().await;
+    cache.wait_for_writes().await;
     let stats = cache.stats();
     assert_eq!(
         stats.store_errors,
@@ -1178,7 +1178,7 @@ async fn host_header_games_never_serve_another_hosts_page() {
             .expect("request");
         assert_eq!(first.header("x-cache"), Some("MISS"));
     }
-    cache.settle().await;
+    cache.wait_for_writes().await;
 
     // (Host header, request target, the host nginx keys on: $host)
     let games: Vec<(&str, &str, &str)> = vec![
@@ -1263,7 +1263,7 @@ async fn host_header_games_never_serve_another_hosts_page() {
         .expect("request");
     let response = router.clone().oneshot(request).await.expect("infallible");
     assert_eq!(response.status(), 200);
-    cache.settle().await;
+    cache.wait_for_writes().await;
 
     // Every stored page is under an allowed host and names that same host.
     let mut stored = Vec::new();

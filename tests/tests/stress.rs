@@ -30,7 +30,7 @@ async fn yield_times(n: u64) {
 async fn cache_on_one_memcached() -> (Memcached, Cache) {
     let memcached = Memcached::start();
     let mut config = Config::default();
-    config.memcached.servers = vec![mcpage::config::ServerSpec::new(memcached.address())];
+    config.memcached.servers = vec![mcpage::ServerSpec::new(memcached.address())];
     config.memcached.timeout_ms = 2_000;
     let cache = Cache::connect(&config).await.expect("cache");
     (memcached, cache)
@@ -97,7 +97,7 @@ async fn no_stale_page_survives_concurrent_invalidation() {
             .await
             .expect("writer task")
             .expect("invalidation confirmed");
-        cache.settle().await;
+        cache.wait_for_writes().await;
         let current = format!("v{}", version.load(Ordering::SeqCst));
         for page in 0..PAGES {
             if let Some((_, body)) = memcached.get_raw(format!("/p/{page}").as_bytes()) {
@@ -213,7 +213,7 @@ async fn no_request_after_an_invalidation_gets_an_older_shared_render() {
             .expect("writer task")
             .expect("invalidation confirmed");
     }
-    cache.settle().await;
+    cache.wait_for_writes().await;
     let stats = cache.stats();
     println!(
         "shared renders: {rounds} rounds of {REQUESTS_PER_ROUND} requests on {SHARED_PAGES} pages, \

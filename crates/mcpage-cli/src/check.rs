@@ -193,15 +193,13 @@ impl Checker<'_> {
         // Every server (pages and index pool) must answer first: with one
         // down, the write path cannot confirm a page and would only say so
         // indirectly.
-        for (server, stats) in self.cache.memcached_stats().await {
-            if let Err(error) = stats {
-                let error = error.to_string();
-                let error = if error.starts_with(&format!("memcached {server}")) {
-                    error
-                } else {
-                    format!("memcached {server}: {error}")
-                };
-                bail!("{error} (nothing was checked: every memcached server must answer)");
+        for report in self.cache.memcached_stats().await {
+            if let Err(error) = report.result {
+                bail!(
+                    "memcached {}: {} (nothing was checked: every memcached server must answer)",
+                    report.server,
+                    error.detail()
+                );
             }
         }
         self.write(probes).await?;
@@ -222,7 +220,7 @@ impl Checker<'_> {
                          (servers, weights or hashing differ between nginx and mcpage.toml: \
                          re-render nginx's side with `mcpage nginx`)",
                         probe.expected,
-                        show(&probe.key.key)
+                        show(&probe.key.escaped)
                     )));
                 }
                 Answer::Other { .. } => {}
@@ -260,7 +258,7 @@ impl Checker<'_> {
             format!(
                 "nginx asked for another key: prefix mismatch (nginx `set $memcached_key` differs from \
                  keys.prefix = \"{prefix}\", or keys.query/keys.host differ); expected key `{}`{status}",
-                show(&probes[0].key.key)
+                show(&probes[0].key.escaped)
             )
         }))
     }
@@ -297,7 +295,7 @@ impl Checker<'_> {
             line: format!(
                 "HIT: nginx serves pages from memcached; key `{}` on server `{}` \
                  ({} probes through {}, each from the server mcpage expects)",
-                show(&probe.key.key),
+                show(&probe.key.escaped),
                 probe.expected,
                 probes.len(),
                 self.base
@@ -339,25 +337,25 @@ impl Checker<'_> {
                 .cache
                 .store_page(&target, body, std::iter::empty::<String>())
                 .await;
-            self.attempted(&probe.key.key, &probe.expected, stored.is_ok());
+            self.attempted(&probe.key.escaped, &probe.expected, stored.is_ok());
             let stored = stored.with_context(|| {
                 format!("cannot store the probe page {} through mcpage", probe.path)
             })?;
-            if stored.key != probe.key.key {
+            if stored.escaped != probe.key.escaped {
                 bail!(
                     "mcpage stored the probe under `{}`, expected `{}`",
-                    show(&stored.key),
-                    show(&probe.key.key)
+                    show(&stored.escaped),
+                    show(&probe.key.escaped)
                 );
             }
             for (server, client) in self.clients {
                 if *server == probe.expected {
                     continue;
                 }
-                let set = Set::new(&probe.key.key, self.body(&probe.path, server))
+                let set = Set::new(&probe.key.escaped, self.body(&probe.path, server))
                     .ttl(Ttl::secs(PROBE_TTL_SECS));
                 let result = client.run(set).await;
-                self.attempted(&probe.key.key, server, result.is_ok());
+                self.attempted(&probe.key.escaped, server, result.is_ok());
                 let result = result
                     .with_context(|| format!("cannot write the probe to memcached {server}"))?;
                 if !result.applied() {
@@ -416,11 +414,14 @@ impl Checker<'_> {
     /// memcached counters of every page server that answered.
     async fn page_stats(&self) -> anyhow::Result<BTreeMap<String, Counters>> {
         let mut out = BTreeMap::new();
-        for (server, stats) in self.cache.memcached_stats().await {
+        for report in self.cache.memcached_stats().await {
+            let server = report.server;
             if !self.clients.iter().any(|(name, _)| *name == server) {
                 continue;
             }
-            let stats = stats.with_context(|| format!("stats of memcached {server}"))?;
+            let stats = report
+                .result
+                .with_context(|| format!("stats of memcached {server}"))?;
             let number = |name: &str| stats.get(name).and_then(|v| v.trim().parse::<u64>().ok());
             let gets = number("cmd_get").unwrap_or_else(|| {
                 number("get_hits").unwrap_or(0) + number("get_misses").unwrap_or(0)

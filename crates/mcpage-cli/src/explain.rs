@@ -133,8 +133,8 @@ impl Explainer<'_> {
                     target,
                     view: Some(NginxView {
                         uri: key.uri,
-                        value: key.value,
-                        key: key.key,
+                        value: key.unescaped,
+                        key: key.escaped,
                     }),
                     server: Some(server),
                     verdict: Ok(()),

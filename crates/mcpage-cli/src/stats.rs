@@ -78,20 +78,20 @@ pub(crate) async fn run(config: &Config, args: Args) -> anyhow::Result<ExitCode>
         .memcached_stats()
         .await
         .into_iter()
-        .map(|(name, stats)| {
-            let role = match (is_page(&name), is_index(&name)) {
+        .map(|report| {
+            let role = match (is_page(&report.server), is_index(&report.server)) {
                 (true, true) => "pages+index",
                 (false, true) => "index",
                 _ => "pages",
             };
-            server_report(name, role, stats)
+            server_report(report.server, role, report.result)
         })
         .collect();
     let index: Vec<IndexReport> = cache
         .index_usage()
         .await
         .into_iter()
-        .map(|(server, usage)| index_report(server, usage))
+        .map(|report| index_report(report.server, report.result))
         .collect();
 
     let mut warnings = Vec::new();
@@ -181,7 +181,7 @@ fn server_report(
             }
         }
         Err(error) => ServerReport {
-            error: Some(without_server(&error, &server)),
+            error: Some(error.detail()),
             server,
             role,
             up: false,
@@ -207,20 +207,13 @@ fn index_report(server: String, usage: mcpage::Result<IndexUsage>) -> IndexRepor
             largest: Some(usage.largest),
         },
         Err(error) => IndexReport {
-            error: Some(without_server(&error, &server)),
+            error: Some(error.detail()),
             server,
             items: None,
             bytes: None,
             largest: None,
         },
     }
-}
-
-/// The error text without the leading `memcached <server>: ` (the row names it).
-fn without_server(error: &mcpage::Error, server: &str) -> String {
-    let text = error.to_string();
-    text.strip_prefix(&format!("memcached {server}: "))
-        .map_or_else(|| text.clone(), str::to_owned)
 }
 
 fn print_human(out: &mut impl Write, report: &Report) -> std::io::Result<()> {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mcpage::config::ServerSpec;
+use mcpage::ServerSpec;
 use mcpage::ring::Hashing;
 use mcpage::{Cache, Config};
 use mcpage_tests::{INSTALL_HINT, Memcached, Nginx, TempDir, free_addr};

@@ -11,7 +11,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use mcpage::Config;
-use mcpage::config::ServerSpec;
+use mcpage::ServerSpec;
 use mcpage_tests::{
     Memcached, Nginx, Response, TempDir, free_addr, free_port, get, request, wait_until,
 };

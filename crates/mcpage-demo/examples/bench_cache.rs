@@ -174,7 +174,7 @@ async fn serve(
     while let Some(result) = servers.join_next().await {
         result.context("server task")?.context("serve")?;
     }
-    cache.settle().await;
+    cache.wait_for_writes().await;
     Ok(())
 }
 
@@ -207,7 +207,8 @@ async fn page_items(cache: &Cache) -> anyhow::Result<u64> {
         .map(|s| s.address.clone())
         .collect();
     let mut total = 0;
-    for (server, stats) in cache.memcached_stats().await {
+    for report in cache.memcached_stats().await {
+        let (server, stats) = (report.server, report.result);
         if !pages
             .iter()
             .any(|p| server.split_whitespace().next() == Some(p.as_str()))
@@ -420,7 +421,7 @@ async fn single_flight(cache: &Cache, concurrency: usize, rounds: usize) -> anyh
     }
     server.abort();
     report.print("single_flight_http", concurrency, rounds);
-    cache.settle().await;
+    cache.wait_for_writes().await;
     Ok(())
 }
 

@@ -13,7 +13,7 @@
 //! shows the article or its comment count carries: its own page, the home page
 //! while it is among the latest, its category and month archives. Logged-in
 //! users (cookie `sessionid`) bypass the cache and see their name; their pages
-//! also carry [`mcpage::layer::SkipCache`] and are never stored.
+//! also carry [`mcpage::SkipCache`] and are never stored.
 //!
 //! ```no_run
 //! # async fn run() -> anyhow::Result<()> {

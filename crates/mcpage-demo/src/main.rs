@@ -97,7 +97,7 @@ async fn run(config: mcpage::Config, cli: Cli) -> anyhow::Result<()> {
         .await
         .context("serve")?;
     // Pages rendered just before the signal are stored (or dropped) before exit.
-    cache.settle().await;
+    cache.wait_for_writes().await;
     eprintln!("mcpage-demo: stopped");
     Ok(())
 }

@@ -21,7 +21,7 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Router, extract::Request};
 use mcpage::CacheTags;
-use mcpage::layer::SkipCache;
+use mcpage::SkipCache;
 use minijinja::value::{Serde, Value};
 use rusqlite::Connection;
 use serde::{Deserialize, Serialize};

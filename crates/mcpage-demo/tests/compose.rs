@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use mcpage::Config;
-use mcpage::config::ServerSpec;
+use mcpage::ServerSpec;
 use serde_norway::Value;
 
 fn root() -> PathBuf {

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use mcpage::config::ServerSpec;
+use mcpage::ServerSpec;
 use mcpage::{Cache, Config};
 use mcpage_demo::{ArticleMeta, Demo};
 use mcpage_tests::{App, Memcached, Nginx, Response, free_addr, get, request, wait_until};
@@ -353,7 +353,7 @@ async fn logged_in_users_bypass_the_cache_and_are_never_stored() {
     let page = stack.get_as(&article.url(), &cookie).await.text();
     let csrf = csrf_token(&page);
 
-    stack.demo.cache().settle().await;
+    stack.demo.cache().wait_for_writes().await;
     let values = stack.all_values();
     assert!(
         values.len() > paths.len(),
@@ -431,7 +431,7 @@ async fn the_feed_and_the_search_are_never_cached() {
     let search = stack.get("/articles/search?q=cache").await.text();
     assert!(search.contains("result"), "{search}");
 
-    stack.demo.cache().settle().await;
+    stack.demo.cache().wait_for_writes().await;
     for key in stack.pages.keys() {
         let key = String::from_utf8_lossy(&key).into_owned();
         assert!(
@@ -506,11 +506,11 @@ async fn scripted_sessions_never_leak_a_user_page() {
             set_cookie_bodies.push(response.body.clone());
         }
         if step % 50 == 49 {
-            stack.demo.cache().settle().await;
+            stack.demo.cache().wait_for_writes().await;
             assert_no_leak(&stack, &tokens, &set_cookie_bodies);
         }
     }
-    stack.demo.cache().settle().await;
+    stack.demo.cache().wait_for_writes().await;
     let stored = assert_no_leak(&stack, &tokens, &set_cookie_bodies);
     println!(
         "leaks: {requests} requests ({comments} comments by signed-in users, {} CSRF tokens seen), \

@@ -1,11 +1,16 @@
 //! The one error type of the library.
 
-/// Everything that can go wrong in mcpage.
+use std::sync::Arc;
+
+use crate::key::KeySkip;
+
+/// Everything that can go wrong in mcpage, one variant per failure.
 ///
 /// Request-path problems (a memcached outage, a key nginx would reject) never
 /// surface as errors to HTTP clients: the layer fails open. These errors reach
-/// callers of configuration loading and of the [`Invalidator`](crate::Invalidator),
-/// where silence would be a lie.
+/// callers of configuration loading, of [`Cache::store_page`](crate::Cache::store_page)
+/// and of the [`Invalidator`](crate::Invalidator), where silence would be a lie.
+/// [`Error::server`] names the memcached server an error is about, if any.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -20,14 +25,16 @@ pub enum Error {
     /// The configuration could not be read or parsed (file, TOML, env).
     #[error("cannot load config: {0}")]
     Load(#[from] Box<figment::Error>),
-    /// A memcached server did not confirm an operation.
+    /// A memcached server did not confirm an operation (transport error,
+    /// timeout, or an answer the client rejected). Shared by every operation
+    /// of a pipelined batch that failed as a whole, hence the `Arc`.
     #[error("memcached {server}: {source}")]
     Memcached {
         /// The server as written in the config.
         server: String,
         /// What the client reported.
         #[source]
-        source: memcache::exp::Error,
+        source: Arc<memcache::exp::Error>,
     },
     /// A memcached server answered something the operation cannot use.
     #[error("memcached {server}: {message}")]
@@ -44,6 +51,15 @@ pub enum Error {
         /// The server as written in the config.
         server: String,
     },
+    /// A compare-and-swap loop on one item (an invalidation clock, a tag
+    /// index item) lost every round to concurrent writers.
+    #[error("memcached {server}: item `{item}` kept changing under concurrent writers")]
+    Contended {
+        /// The server as written in the config.
+        server: String,
+        /// The item's key, lossily decoded.
+        item: String,
+    },
     /// Invalidation could not be completed; some pages may still be cached.
     #[error(
         "invalidation incomplete: {failed} of {attempted} memcached operations failed (first: {first})"
@@ -54,11 +70,48 @@ pub enum Error {
         /// Operations that failed or were not confirmed.
         failed: usize,
         /// The first failure, for the log line.
+        #[source]
         first: Box<Error>,
     },
-    /// An argument cannot be used (a URL that maps to no cache key, say).
-    #[error("{0}")]
-    Invalid(String),
+    /// A URL given to the API maps to no cache key, so it can have no page.
+    #[error("`{url}` has no cache key ({})", .reason.reason())]
+    NoCacheKey {
+        /// The URL as given.
+        url: String,
+        /// Why nginx would not look it up.
+        #[source]
+        reason: KeySkip,
+    },
+    /// [`Cache::store_page`](crate::Cache::store_page): the page was stored,
+    /// then deleted again because an invalidation overlapped the write.
+    #[error("`{url}` was invalidated while being stored")]
+    Retracted {
+        /// The URL as given.
+        url: String,
+    },
+    /// Compressing a page (`cache.gzip`) failed.
+    #[error("gzip failed: {0}")]
+    Gzip(#[source] std::io::Error),
+    /// The stored body would exceed `cache.max_body_bytes` (after gzip when enabled).
+    #[error("body of {bytes} bytes exceeds cache.max_body_bytes ({limit})")]
+    TooLarge {
+        /// Size of the body as it would be stored.
+        bytes: usize,
+        /// `cache.max_body_bytes`.
+        limit: usize,
+    },
+    /// A tag index item cannot take another record even after compaction.
+    #[error(
+        "memcached {server}: tag index item `{item}` is full ({bytes} bytes); raise cache.index_shards"
+    )]
+    IndexFull {
+        /// The index server as written in the config.
+        server: String,
+        /// The index item's key.
+        item: String,
+        /// Its size after compaction.
+        bytes: usize,
+    },
 }
 
 impl Error {
@@ -68,7 +121,64 @@ impl Error {
             reason: reason.into(),
         }
     }
+
+    /// The memcached server (as written in the config) this error is about,
+    /// if it is about one; for [`Error::Incomplete`], that of the first failure.
+    pub fn server(&self) -> Option<&str> {
+        match self {
+            Error::Memcached { server, .. }
+            | Error::Protocol { server, .. }
+            | Error::BreakerOpen { server }
+            | Error::Contended { server, .. }
+            | Error::IndexFull { server, .. } => Some(server),
+            Error::Incomplete { first, .. } => first.server(),
+            _ => None,
+        }
+    }
+
+    /// What went wrong on the server, without the `memcached <server>: `
+    /// prefix of the `Display` form (for reports that name the server apart).
+    /// Errors that are not about a server give their whole message.
+    pub fn detail(&self) -> String {
+        match self {
+            Error::Memcached { source, .. } => source.to_string(),
+            Error::Protocol { message, .. } => message.clone(),
+            Error::BreakerOpen { .. } => "circuit breaker open after repeated failures".to_owned(),
+            Error::Contended { item, .. } => {
+                format!("item `{item}` kept changing under concurrent writers")
+            }
+            Error::IndexFull { item, bytes, .. } => {
+                format!("tag index item `{item}` is full ({bytes} bytes); raise cache.index_shards")
+            }
+            other => other.to_string(),
+        }
+    }
 }
 
 /// `Result` with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_names_the_server_an_error_is_about() {
+        let protocol = Error::Protocol {
+            server: "127.0.0.1:11211".into(),
+            message: "odd".into(),
+        };
+        assert_eq!(protocol.server(), Some("127.0.0.1:11211"));
+        assert_eq!(protocol.detail(), "odd");
+        assert_eq!(protocol.to_string(), "memcached 127.0.0.1:11211: odd");
+        let incomplete = Error::Incomplete {
+            attempted: 3,
+            failed: 1,
+            first: Box::new(protocol),
+        };
+        assert_eq!(incomplete.server(), Some("127.0.0.1:11211"));
+        let too_large = Error::TooLarge { bytes: 2, limit: 1 };
+        assert_eq!(too_large.server(), None);
+        assert_eq!(too_large.detail(), too_large.to_string());
+    }
+}

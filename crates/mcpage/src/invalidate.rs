@@ -3,8 +3,17 @@
 //! Every call first advances the invalidation clock and the clocks of what it
 //! invalidates, then finds and deletes pages. A render that read the clock
 //! before that and registers its page after the index was read sees the new
-//! clock when it rechecks, and deletes its own page (see `Cache::write`), so
-//! no stale page survives an invalidation that reported success.
+//! clock when it rechecks, and deletes its own page (the write path, `put.rs`),
+//! so no stale page survives an invalidation that reported success.
+//!
+//! The protocol, in the order an invalidation runs:
+//! 1. Bump the invalidation clock G ([`Clocks::bump`]) and raise the clock of
+//!    every tag, URL or the purge clock to it. If one cannot be raised, stop
+//!    and report: nothing was deleted or forgotten.
+//! 2. Read the tags' index items (one pipelined batch) and delete the pages
+//!    they list on the servers nginx asks.
+//! 3. Clear the index records of pages confirmed gone whose renders started
+//!    before this invalidation (CAS-guarded: concurrent appends survive).
 //!
 //! ```no_run
 //! # async fn run(cache: mcpage::Cache) -> mcpage::Result<()> {
@@ -24,26 +33,53 @@ use std::time::Duration;
 
 use memcache::exp::{Delete, Get, Meta, MutationStatus, Set, Ttl};
 
-use crate::cache::Cache;
+use crate::clock::Clocks;
 use crate::error::{Error, Result};
-use crate::key::memcached_unescape;
-use crate::store::{Mode, Pool};
-use crate::tags;
+use crate::key::{KeyScheme, memcached_unescape};
+use crate::memcached::{Circuit, Pool, text};
+use crate::stats::Metrics;
+use crate::tags::{self, IndexKeys};
 
-/// Removes pages; obtained from [`Cache::invalidator`]. Cheap to clone.
+/// Removes pages; obtained from [`Cache::invalidator`](crate::Cache::invalidator).
+/// Cheap to clone; clones share everything.
 #[derive(Debug, Clone)]
 pub struct Invalidator {
-    cache: Cache,
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    pages: Arc<Pool>,
+    index: Arc<Pool>,
+    clocks: Clocks,
+    index_keys: IndexKeys,
+    keys: KeyScheme,
+    index_ttl: u32,
+    metrics: Arc<Metrics>,
 }
 
 /// What an invalidation removed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Removed {
-    /// Distinct pages deleted from memcached (pages already gone are not counted).
+    /// Distinct pages deleted from memcached (pages already gone are not
+    /// counted), [`index_recovery`](Self::index_recovery) included.
     pub pages: usize,
-    /// Per tag, URL or prefix: pages deleted that it listed.
-    pub by_item: Vec<(String, usize)>,
+    /// Per tag, URL or prefix, in the order given (sorted, without duplicates).
+    pub by_item: Vec<RemovedItem>,
+    /// Pages purged first because a separate index server restarted and lost
+    /// its records (see [`Invalidator::invalidate_tags`]); 0 normally.
+    pub index_recovery: usize,
+}
+
+/// Pages one tag, URL or prefix listed that were deleted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RemovedItem {
+    /// The tag, URL or prefix as given.
+    pub item: String,
+    /// Pages deleted that it listed.
+    pub pages: usize,
 }
 
 /// Counts failures without stopping: an invalidation tries everything, then
@@ -92,15 +128,39 @@ const PURGE_PASSES: usize = 8;
 const METADUMP_DEADLINE: Duration = Duration::from_secs(60);
 
 impl Invalidator {
-    pub(crate) fn new(cache: Cache) -> Self {
-        Invalidator { cache }
+    pub(crate) fn new(
+        pages: Arc<Pool>,
+        index: Arc<Pool>,
+        clocks: Clocks,
+        index_keys: IndexKeys,
+        keys: KeyScheme,
+        index_ttl: u32,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Invalidator {
+            inner: Arc::new(Inner {
+                pages,
+                index,
+                clocks,
+                index_keys,
+                keys,
+                index_ttl,
+                metrics,
+            }),
+        }
     }
 
     /// Remove every page registered under any of `tags`, on every server.
+    /// Tags are trimmed; empty ones are ignored.
     ///
     /// When a separate index server restarted since the last invalidation (its
     /// records are gone), every page is purged first, once: the count includes
-    /// them under [`Removed::INDEX_RECOVERY`].
+    /// them, also in [`Removed::index_recovery`].
+    ///
+    /// # Errors
+    /// [`Error::Incomplete`] when memcached did not confirm every clock raise,
+    /// index read or delete (some pages may remain; calling again is safe);
+    /// a memcached error when the invalidation clock could not be advanced.
     pub async fn invalidate_tags<I, T>(&self, tags: I) -> Result<Removed>
     where
         I: IntoIterator<Item = T>,
@@ -113,6 +173,10 @@ impl Invalidator {
 
     /// Remove the pages of `urls`, written as a user would (`/a//b`, `/caf%C3%A9`,
     /// or `http://host/path` in host mode): each is mapped through the key contract.
+    ///
+    /// # Errors
+    /// [`Error::NoCacheKey`] for a URL that can have no page (before anything
+    /// is removed); otherwise as [`invalidate_tags`](Self::invalidate_tags).
     pub async fn invalidate_urls<I, T>(&self, urls: I) -> Result<Removed>
     where
         I: IntoIterator<Item = T>,
@@ -124,12 +188,14 @@ impl Invalidator {
         for url in &urls {
             let (host, target) = crate::key::split_url(url);
             let key = self
-                .cache
+                .inner
+                .keys
                 .page_key(host.map(str::as_bytes), target.as_bytes())
-                .map_err(|skip| {
-                    Error::Invalid(format!("`{url}` has no cache key ({})", skip.reason()))
+                .map_err(|reason| Error::NoCacheKey {
+                    url: url.clone(),
+                    reason,
                 })?;
-            page_keys.push(key.key);
+            page_keys.push(key.escaped);
         }
         let result = self.invalidate_urls_inner(&urls, page_keys).await;
         self.account(result)
@@ -139,13 +205,17 @@ impl Invalidator {
     /// (`/` removes all pages; in host mode write `example.com/blog/`), by
     /// walking each page server's key list (`lru_crawler metadump`). Also the
     /// recovery after an index server lost its data.
+    ///
+    /// # Errors
+    /// As [`invalidate_tags`](Self::invalidate_tags); a server that cannot
+    /// list its keys makes the purge [`Error::Incomplete`].
     pub async fn purge_prefix(&self, prefix: &str) -> Result<Removed> {
         let result = self.purge_prefix_inner(prefix).await;
         self.account(result)
     }
 
     fn account(&self, result: Result<Removed>) -> Result<Removed> {
-        let metrics = &self.cache.inner.metrics;
+        let metrics = &self.inner.metrics;
         match &result {
             Ok(removed) => {
                 metrics.invalidations.fetch_add(1, Ordering::Relaxed);
@@ -164,13 +234,13 @@ impl Invalidator {
         if tags.is_empty() {
             return Ok(Removed::default());
         }
-        let inner = &self.cache.inner;
+        let inner = &self.inner;
         let ik = &inner.index_keys;
         let recovered = self.recover_lost_index().await?;
-        let clock = self.cache.bump_clock(Mode::Always, 1).await?;
+        let clock = inner.clocks.bump().await?;
         let mut failures = Failures::default();
         let clock_keys: Vec<Vec<u8>> = tags.iter().map(|t| ik.tag_clock(t)).collect();
-        for result in self.raise_clocks(&clock_keys, clock).await {
+        for result in inner.clocks.raise(&clock_keys, clock).await {
             failures.check(result);
         }
         // A clock that was not raised could let a render in flight keep a stale
@@ -194,7 +264,7 @@ impl Invalidator {
         let mut shards: Vec<(Vec<u8>, u64, Vec<u8>)> = Vec::new();
         for ((t, key), result) in shard_keys
             .into_iter()
-            .zip(inner.index.run_routed(Mode::Always, reads).await)
+            .zip(inner.index.run_routed(Circuit::Ignore, reads).await)
         {
             let Some(result) = failures.check(result) else {
                 continue;
@@ -210,14 +280,12 @@ impl Invalidator {
         let by_item = tags
             .iter()
             .zip(&pages_by_tag)
-            .map(|(tag, pages)| {
-                (
-                    tag.clone(),
-                    pages
-                        .iter()
-                        .filter(|p| deleted.removed.contains(*p))
-                        .count(),
-                )
+            .map(|(tag, pages)| RemovedItem {
+                item: tag.clone(),
+                pages: pages
+                    .iter()
+                    .filter(|p| deleted.removed.contains(*p))
+                    .count(),
             })
             .collect();
 
@@ -228,13 +296,10 @@ impl Invalidator {
                     .await;
             }
         }
-        let mut by_item: Vec<(String, usize)> = by_item;
-        if recovered > 0 {
-            by_item.push((Removed::INDEX_RECOVERY.to_owned(), recovered));
-        }
         failures.finish(Removed {
             pages: deleted.removed.len() + recovered,
             by_item,
+            index_recovery: recovered,
         })
     }
 
@@ -245,42 +310,30 @@ impl Invalidator {
     /// servers) and purge every page once; returns how many were removed.
     /// Nothing to do when pages and index share servers: a restart lost both.
     async fn recover_lost_index(&self) -> Result<usize> {
-        let inner = &self.cache.inner;
+        let inner = &self.inner;
         if Arc::ptr_eq(&inner.pages, &inner.index) {
             return Ok(0);
         }
         let mut lost = Vec::new();
         let mut remember = Vec::new();
         for server in inner.index.servers() {
-            let stats = server.text_command("stats", Duration::ZERO).await?;
-            let stat = |name: &str| {
-                stats.iter().find_map(|line| {
-                    let line = std::str::from_utf8(line).ok()?;
-                    let value = line
-                        .strip_prefix("STAT ")?
-                        .strip_prefix(name)?
-                        .strip_prefix(' ')?;
-                    value.trim().parse::<u64>().ok()
-                })
-            };
+            let stats = text::stats(&server.text_command("stats", Duration::ZERO).await?);
+            let stat = |name: &str| text::stat_u64(&stats, name);
             let (Some(pid), Some(time), Some(uptime)) = (stat("pid"), stat("time"), stat("uptime"))
             else {
-                return Err(Error::Protocol {
-                    server: server.name.clone(),
-                    message: "stats without pid, time or uptime".to_owned(),
-                });
+                return Err(server.protocol("stats without pid, time or uptime"));
             };
             let boot = format!("{pid}:{}", time.saturating_sub(uptime));
-            let key = inner.index_keys.index_boot(&server.name);
+            let key = inner.index_keys.index_boot(server.name());
             let marker = inner
                 .pages
                 .route(&key)
-                .run(Mode::Always, Get::new(&key))
+                .run(Circuit::Ignore, Get::new(&key))
                 .await?;
             match marker.value {
                 Some(seen) if seen == boot.as_bytes() => {}
                 Some(_) => {
-                    lost.push(server.name.clone());
+                    lost.push(server.name().to_owned());
                     remember.push((key, boot));
                 }
                 // First invalidation ever (or the marker's page server lost it).
@@ -295,7 +348,7 @@ impl Invalidator {
         // Only after the purge succeeded: a failed purge is retried next time.
         for (key, boot) in remember {
             let set = Set::new(&key, boot.as_bytes()).ttl(Ttl::NEVER);
-            inner.pages.route(&key).run(Mode::Always, set).await?;
+            inner.pages.route(&key).run(Circuit::Ignore, set).await?;
         }
         Ok(removed)
     }
@@ -308,11 +361,14 @@ impl Invalidator {
         if urls.is_empty() {
             return Ok(Removed::default());
         }
-        let ik = &self.cache.inner.index_keys;
-        let clock = self.cache.bump_clock(Mode::Always, 1).await?;
+        let inner = &self.inner;
+        let clock = inner.clocks.bump().await?;
         let mut failures = Failures::default();
-        let clock_keys: Vec<Vec<u8>> = page_keys.iter().map(|k| ik.url_clock(k)).collect();
-        for result in self.raise_clocks(&clock_keys, clock).await {
+        let clock_keys: Vec<Vec<u8>> = page_keys
+            .iter()
+            .map(|k| inner.index_keys.url_clock(k))
+            .collect();
+        for result in inner.clocks.raise(&clock_keys, clock).await {
             failures.check(result);
         }
         if failures.failed > 0 {
@@ -324,20 +380,25 @@ impl Invalidator {
         let by_item = urls
             .iter()
             .zip(&page_keys)
-            .map(|(url, key)| (url.clone(), usize::from(deleted.removed.contains(key))))
+            .map(|(url, key)| RemovedItem {
+                item: url.clone(),
+                pages: usize::from(deleted.removed.contains(key)),
+            })
             .collect();
         failures.finish(Removed {
             pages: deleted.removed.len(),
             by_item,
+            index_recovery: 0,
         })
     }
 
     async fn purge_prefix_inner(&self, prefix: &str) -> Result<Removed> {
-        let inner = &self.cache.inner;
-        let clock = self.cache.bump_clock(Mode::Always, 1).await?;
+        let inner = &self.inner;
+        let clock = inner.clocks.bump().await?;
         let mut failures = Failures::default();
-        for result in self
-            .raise_clocks(&[inner.index_keys.purge_clock()], clock)
+        for result in inner
+            .clocks
+            .raise(&[inner.index_keys.purge_clock()], clock)
             .await
         {
             failures.check(result);
@@ -345,7 +406,7 @@ impl Invalidator {
         if failures.failed > 0 {
             return failures.finish(Removed::default());
         }
-        let mut wanted = inner.config.keys.prefix.as_bytes().to_vec();
+        let mut wanted = inner.keys.prefix().to_vec();
         wanted.extend_from_slice(prefix.as_bytes());
         let namespace = inner.index_keys.namespace().as_bytes();
         let mut removed = 0;
@@ -361,7 +422,7 @@ impl Invalidator {
                 };
                 let doomed: Vec<(usize, Delete)> = lines
                     .iter()
-                    .filter_map(|line| metadump_key(line))
+                    .filter_map(|line| text::metadump_key(line))
                     .filter(|key| !key.starts_with(namespace))
                     .filter(|key| {
                         memcached_unescape(key).is_some_and(|value| value.starts_with(&wanted))
@@ -371,7 +432,7 @@ impl Invalidator {
                 if doomed.is_empty() {
                     break;
                 }
-                for result in inner.pages.run_on(Mode::Always, doomed).await {
+                for result in inner.pages.run_on(Circuit::Ignore, doomed).await {
                     if let Some(result) = failures.check(result)
                         && result.status == MutationStatus::Applied
                     {
@@ -382,62 +443,12 @@ impl Invalidator {
         }
         failures.finish(Removed {
             pages: removed,
-            by_item: vec![(prefix.to_owned(), removed)],
+            by_item: vec![RemovedItem {
+                item: prefix.to_owned(),
+                pages: removed,
+            }],
+            index_recovery: 0,
         })
-    }
-
-    /// Raise each clock to at least `clock` (CAS loop: a concurrent
-    /// invalidation that set a higher value is never lowered).
-    async fn raise_clocks(&self, keys: &[Vec<u8>], clock: u64) -> Vec<Result<()>> {
-        let index: &Pool = &self.cache.inner.index;
-        let ttl = Ttl::secs(self.cache.index_ttl());
-        let value = clock.to_string();
-        let mut results = Vec::with_capacity(keys.len());
-        for key in keys {
-            let server = index.route(key);
-            let mut outcome = Err(Error::Protocol {
-                server: server.name.clone(),
-                message: "tag clock kept changing under concurrent invalidations".to_owned(),
-            });
-            for _ in 0..16 {
-                let current = match server
-                    .run(Mode::Always, Get::new(key).meta(Meta::NONE.cas()))
-                    .await
-                {
-                    Ok(current) => current,
-                    Err(error) => {
-                        outcome = Err(error);
-                        break;
-                    }
-                };
-                let set = match (&current.value, current.item.cas) {
-                    (Some(old), Some(cas)) => {
-                        let old = std::str::from_utf8(old)
-                            .ok()
-                            .and_then(|v| v.parse::<u64>().ok());
-                        if old.is_some_and(|old| old >= clock) {
-                            outcome = Ok(());
-                            break;
-                        }
-                        Set::new(key, &value).ttl(ttl).compare_cas(cas)
-                    }
-                    _ => Set::new(key, &value).ttl(ttl).add(),
-                };
-                match server.run(Mode::Always, set).await {
-                    Ok(result) if result.applied() => {
-                        outcome = Ok(());
-                        break;
-                    }
-                    Ok(_) => continue,
-                    Err(error) => {
-                        outcome = Err(error);
-                        break;
-                    }
-                }
-            }
-            results.push(outcome);
-        }
-        results
     }
 
     /// Delete page keys on the servers nginx reads them from.
@@ -453,7 +464,7 @@ impl Invalidator {
         let mut deleted = Deleted::default();
         for (key, result) in keys
             .into_iter()
-            .zip(self.cache.inner.pages.run_routed(Mode::Always, ops).await)
+            .zip(self.inner.pages.run_routed(Circuit::Ignore, ops).await)
         {
             if let Some(result) = failures.check(result) {
                 if result.status == MutationStatus::Applied {
@@ -477,18 +488,18 @@ impl Invalidator {
         clock: u64,
         failures: &mut Failures,
     ) {
-        let server = self.cache.inner.index.route(shard);
+        let server = self.inner.index.route(shard);
         for _ in 0..SHARD_CLEAR_ROUNDS {
             let kept = tags::retain_since(&value, clock);
             let result = if kept.is_empty() {
                 server
-                    .run(Mode::Always, Delete::new(shard).compare_cas(cas))
+                    .run(Circuit::Ignore, Delete::new(shard).compare_cas(cas))
                     .await
             } else {
                 let set = Set::new(shard, kept)
-                    .ttl(Ttl::secs(self.cache.index_ttl()))
+                    .ttl(Ttl::secs(self.inner.index_ttl))
                     .compare_cas(cas);
-                server.run(Mode::Always, set).await
+                server.run(Circuit::Ignore, set).await
             };
             match failures.check(result) {
                 Some(result) if result.status == MutationStatus::CasMismatch => {}
@@ -496,7 +507,7 @@ impl Invalidator {
             }
             let Some(current) = failures.check(
                 server
-                    .run(Mode::Always, Get::new(shard).meta(Meta::NONE.cas()))
+                    .run(Circuit::Ignore, Get::new(shard).meta(Meta::NONE.cas()))
                     .await,
             ) else {
                 return;
@@ -522,60 +533,19 @@ fn unique(items: impl Iterator<Item = String>) -> Vec<String> {
     set.into_iter().collect()
 }
 
-/// The raw key of a `lru_crawler metadump` line (`key=<uri-encoded> exp=...`).
-pub(crate) fn metadump_key(line: &[u8]) -> Option<Vec<u8>> {
-    let encoded = line.strip_prefix(b"key=")?.split(|b| *b == b' ').next()?;
-    percent_decode(encoded)
-}
-
-fn percent_decode(encoded: &[u8]) -> Option<Vec<u8>> {
-    let hex = |b: u8| (b as char).to_digit(16);
-    let mut out = Vec::with_capacity(encoded.len());
-    let mut bytes = encoded.iter();
-    while let Some(&b) = bytes.next() {
-        if b == b'%' {
-            let hi = hex(*bytes.next()?)?;
-            let lo = hex(*bytes.next()?)?;
-            out.push(u8::try_from(hi * 16 + lo).ok()?);
-        } else {
-            out.push(b);
-        }
-    }
-    Some(out)
-}
-
-/// Per-item counts keyed for tests and the CLI.
 impl Removed {
-    /// The `by_item` entry for pages purged because an index server restarted
-    /// and lost its records (see [`Invalidator::invalidate_tags`]).
-    pub const INDEX_RECOVERY: &str = "(index restarted: all pages purged)";
-
-    /// The count for one tag, URL or prefix.
+    /// The count for one tag, URL or prefix (0 when it was not part of the call).
     pub fn count_for(&self, item: &str) -> usize {
         self.by_item
             .iter()
-            .find(|(name, _)| name == item)
-            .map_or(0, |(_, n)| *n)
+            .find(|entry| entry.item == item)
+            .map_or(0, |entry| entry.pages)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn metadump_lines() {
-        assert_eq!(
-            metadump_key(b"key=%2Fcaf%C3%A9 exp=-1 la=1 cas=2 fetch=no cls=1 size=70"),
-            Some(b"/caf\xc3\xa9".to_vec())
-        );
-        assert_eq!(
-            metadump_key(b"key=%2Fx%2520y exp=1"),
-            Some(b"/x%20y".to_vec())
-        );
-        assert_eq!(metadump_key(b"END"), None);
-        assert_eq!(metadump_key(b"key=%2 exp"), None);
-    }
 
     #[test]
     fn unique_sorts_and_drops_empty() {

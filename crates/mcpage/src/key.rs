@@ -505,11 +505,12 @@ impl std::error::Error for KeySkip {}
 /// The cache key of one request, as nginx computes it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PageKey {
-    /// `V`, the value of nginx's `$memcached_key` (unescaped); hashed to pick
-    /// the server.
-    pub value: Vec<u8>,
-    /// `K = escape(V)`, the literal memcached key.
-    pub key: Vec<u8>,
+    /// `V`, the value of nginx's `$memcached_key` as nginx evaluates it
+    /// (unescaped); nginx hashes it to pick the server (`ngx_http_upstream_hash`).
+    pub unescaped: Vec<u8>,
+    /// `K = escape(V)`, the memcached key nginx sends on the wire
+    /// (`ngx_escape_uri` with `NGX_ESCAPE_MEMCACHED`).
+    pub escaped: Vec<u8>,
     /// The normalized `$uri` (no prefix, host or query), for include/exclude
     /// matching.
     pub uri: Vec<u8>,
@@ -652,7 +653,11 @@ impl KeyScheme {
         let mut key = Vec::with_capacity(key_len);
         push_escaped(&value, &mut key);
         let uri = value[uri_start..uri_end].to_vec();
-        Ok(PageKey { value, key, uri })
+        Ok(PageKey {
+            unescaped: value,
+            escaped: key,
+            uri,
+        })
     }
 }
 
@@ -945,7 +950,7 @@ mod tests {
 
         let s = KeyScheme::new("", QueryMode::Bypass, true, false);
         let pk = s.page_key(None, b"/x%7F").expect("short");
-        assert_eq!(pk.key, b"/x\x7F");
+        assert_eq!(pk.escaped, b"/x\x7F");
         // 200 bytes with a DEL: 268 on the wire, too long.
         let mut t = b"/".to_vec();
         t.extend_from_slice(&[b'a'; 196]);
@@ -960,7 +965,7 @@ mod tests {
         let mut t = b"/".to_vec();
         t.extend_from_slice(&[b'a'; 184]);
         t.extend_from_slice(b"%7F");
-        assert_eq!(s.page_key(None, &t).map(|k| k.key.len()), Ok(186));
+        assert_eq!(s.page_key(None, &t).map(|k| k.escaped.len()), Ok(186));
     }
 
     #[test]
@@ -969,7 +974,7 @@ mod tests {
         let mut t = b"/".to_vec();
         t.extend_from_slice(&[b'a'; 244]);
         let k = s.page_key(None, &t).expect("250 bytes fit");
-        assert_eq!(k.key.len(), 250);
+        assert_eq!(k.escaped.len(), 250);
         t.push(b'a');
         assert_eq!(s.page_key(None, &t), Err(KeySkip::TooLong));
         // Escapes count: 82 spaces are 246 bytes escaped, + "page:/" = 252.
@@ -990,23 +995,23 @@ mod tests {
             Err(KeySkip::QueryString)
         );
         let k = bypass.page_key(None, b"/about#x?y").expect("fragment only");
-        assert_eq!(k.value, b"/about");
+        assert_eq!(k.unescaped, b"/about");
         let k = bypass.page_key(None, b"/a%3Fb").expect("no query");
         assert_eq!(
-            (k.value.as_slice(), k.key.as_slice()),
+            (k.unescaped.as_slice(), k.escaped.as_slice()),
             (&b"/a?b"[..], &b"/a?b"[..])
         );
 
         let k = include.page_key(None, b"/about").expect("ok");
-        assert_eq!(k.value, b"/about?");
+        assert_eq!(k.unescaped, b"/about?");
         assert_eq!(k.uri, b"/about");
         let k = include.page_key(None, b"/about?").expect("ok");
-        assert_eq!(k.value, b"/about?");
+        assert_eq!(k.unescaped, b"/about?");
         let k = include
             .page_key(None, b"/a//b/../c?x=%20y&z=1+2#f")
             .expect("ok");
-        assert_eq!(k.value, b"/a/c?x=%20y&z=1+2");
-        assert_eq!(k.key, b"/a/c?x=%2520y&z=1+2");
+        assert_eq!(k.unescaped, b"/a/c?x=%20y&z=1+2");
+        assert_eq!(k.escaped, b"/a/c?x=%2520y&z=1+2");
         // Raw spaces and control bytes never reach $uri: nginx answers 400.
         for raw in [&b"/a b"[..], b"/a\tb", b"/a?x=1 2", b"/\x7f"] {
             assert_eq!(
@@ -1023,18 +1028,18 @@ mod tests {
     fn prefix_handling() {
         let s = KeyScheme::new("page:", QueryMode::Bypass, true, false);
         let k = s.page_key(None, b"/about").expect("ok");
-        assert_eq!(k.value, b"page:/about");
-        assert_eq!(k.key, b"page:/about");
+        assert_eq!(k.unescaped, b"page:/about");
+        assert_eq!(k.escaped, b"page:/about");
         assert_eq!(k.uri, b"/about");
         // `..` can never climb into the prefix, even one with slashes.
         let s = KeyScheme::new("site/a/", QueryMode::Bypass, true, false);
         assert_eq!(s.page_key(None, b"/../x"), Err(KeySkip::BadRequest));
         let k = s.page_key(None, b"/b/../x").expect("ok");
-        assert_eq!(k.value, b"site/a//x");
+        assert_eq!(k.unescaped, b"site/a//x");
         // A prefix with bytes that need escaping is escaped as nginx would.
         let s = KeyScheme::new(b"p %".to_vec(), QueryMode::Bypass, true, false);
         let k = s.page_key(None, b"/").expect("ok");
-        assert_eq!(k.key, b"p%20%25/");
+        assert_eq!(k.escaped, b"p%20%25/");
         assert_eq!(s.prefix(), b"p %");
         assert_eq!(s.query(), QueryMode::Bypass);
         assert!(s.merge_slashes());
@@ -1086,7 +1091,7 @@ mod tests {
         let k = s
             .page_key(Some(b"WWW.Example.com:8080"), b"/a//b")
             .expect("ok");
-        assert_eq!(k.value, b"p:www.example.com/a/b");
+        assert_eq!(k.unescaped, b"p:www.example.com/a/b");
         assert_eq!(k.uri, b"/a/b");
         assert_eq!(s.page_key(None, b"/"), Err(KeySkip::BadHost));
         assert_eq!(s.page_key(Some(b""), b"/"), Err(KeySkip::BadHost));
@@ -1097,11 +1102,11 @@ mod tests {
         assert_eq!(s.page_key(Some(b"h"), b"/../x"), Err(KeySkip::BadRequest));
         let inc = KeyScheme::new("", QueryMode::Include, true, true);
         let k = inc.page_key(Some(b"h.example"), b"/x?q=1").expect("ok");
-        assert_eq!(k.value, b"h.example/x?q=1");
+        assert_eq!(k.unescaped, b"h.example/x?q=1");
         // Without host mode the header is ignored.
         let plain = KeyScheme::new("", QueryMode::Bypass, true, false);
         let k = plain.page_key(Some(b"bad..host"), b"/x").expect("ok");
-        assert_eq!(k.value, b"/x");
+        assert_eq!(k.unescaped, b"/x");
     }
 
     #[test]
@@ -1110,14 +1115,14 @@ mod tests {
         let k = s
             .page_key(None, b"http://example.com/a//b?q=1")
             .expect("ok");
-        assert_eq!(k.value, b"/a/b?q=1");
+        assert_eq!(k.unescaped, b"/a/b?q=1");
         let k = s.page_key(None, b"http://example.com").expect("ok");
-        assert_eq!(k.value, b"/?");
+        assert_eq!(k.unescaped, b"/?");
         let k = s.page_key(None, b"https://example.com:8443?x").expect("ok");
-        assert_eq!(k.value, b"/?x");
+        assert_eq!(k.unescaped, b"/?x");
         assert_eq!(k.uri, b"/");
         let k = s.page_key(None, b"HTTP://[::1]:80/p").expect("ok");
-        assert_eq!(k.value, b"/p?");
+        assert_eq!(k.unescaped, b"/p?");
         for bad in [
             &b"http:/x"[..],
             b"http//x/",
@@ -1142,9 +1147,9 @@ mod tests {
         let k = h
             .page_key(Some(b"other"), b"http://Example.com./p")
             .expect("ok");
-        assert_eq!(k.value, b"example.com/p");
+        assert_eq!(k.unescaped, b"example.com/p");
         let k = h.page_key(None, b"http://example.com/p").expect("ok");
-        assert_eq!(k.value, b"example.com/p");
+        assert_eq!(k.unescaped, b"example.com/p");
     }
 
     #[test]
@@ -1170,8 +1175,8 @@ mod tests {
         assert_eq!(k.uri, n.uri);
         let mut v = b"pre:".to_vec();
         v.extend_from_slice(&n.uri);
-        assert_eq!(k.key, memcached_escape(&v));
-        assert_eq!(k.value, v);
+        assert_eq!(k.escaped, memcached_escape(&v));
+        assert_eq!(k.unescaped, v);
     }
 
     fn interesting_target() -> impl Strategy<Value = Vec<u8>> {
@@ -1258,8 +1263,8 @@ mod tests {
             let q = if inc { QueryMode::Include } else { QueryMode::Bypass };
             let s = KeyScheme::new("p:", q, true, host);
             if let Ok(k) = s.page_key(h.as_deref(), &t) {
-                prop_assert!(wire_key_len(&k.key) <= MAX_KEY_LEN);
-                prop_assert_eq!(memcached_unescape(&k.key), Some(k.value.clone()));
+                prop_assert!(wire_key_len(&k.escaped) <= MAX_KEY_LEN);
+                prop_assert_eq!(memcached_unescape(&k.escaped), Some(k.unescaped.clone()));
                 prop_assert_eq!(k.uri.first(), Some(&b'/'));
             }
         }

@@ -23,19 +23,42 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # Map of the crate
+//!
+//! In the order a request meets them:
+//!
+//! - [`config`](Config): one [`Config`] for both sides; `mcpage nginx` renders
+//!   the nginx side ([`nginx`]) from it, so the two cannot drift.
+//! - [`key`]: the request target as nginx normalizes it (`$uri`), the value V
+//!   nginx hashes and the escaped key K it sends (`reference/nginx-memcached.md`).
+//! - [`ring`]: which memcached server nginx asks for V.
+//! - `policy`: may this request, then this response, be cached ([`Bypass`]).
+//! - `layer`: the tower middleware ([`PageCacheLayer`]); concurrent misses
+//!   coalesce in `lock` (single-flight, a leaf module).
+//! - `put`: the write path (register the page in its tags' index, store it,
+//!   re-check the clocks); `clock`: the invalidation clocks both protocols
+//!   agree through; `tags`: the tag index format.
+//! - `invalidate`: the [`Invalidator`] (raise clocks, delete, clear the index).
+//! - `memcached`: the client (one meta-protocol client per server, circuit
+//!   breakers, pipelined batches, text-protocol diagnostics).
+//! - `cache`: the [`Cache`] handle that owns all of the above; `stats`: counters.
 #![forbid(unsafe_code)]
 
-mod breaker;
 mod cache;
-pub mod config;
+mod clock;
+mod config;
 mod error;
 mod invalidate;
 pub mod key;
-pub mod layer;
+mod layer;
+mod lock;
+mod memcached;
 pub mod nginx;
 mod policy;
+mod put;
 pub mod ring;
-mod store;
+mod stats;
 mod tags;
 
 #[cfg(test)]
@@ -46,9 +69,12 @@ mod reference_tests;
 #[doc = include_str!("../../../README.md")]
 pub struct ReadmeDoctests;
 
-pub use cache::{Cache, CacheStats, IndexUsage, ServerStats};
-pub use config::Config;
+pub use cache::Cache;
+pub use config::{
+    CacheConfig, Config, KeysConfig, MemcachedConfig, NginxConfig, ProxyConfig, ServerSpec,
+};
 pub use error::{Error, Result};
-pub use invalidate::{Invalidator, Removed};
-pub use layer::{CacheTags, PageCache, PageCacheLayer};
+pub use invalidate::{Invalidator, Removed, RemovedItem};
+pub use layer::{CacheTags, PageBody, PageCache, PageCacheLayer, SkipCache};
 pub use policy::Bypass;
+pub use stats::{BypassCount, CacheStats, IndexUsage, ServerReport, ServerStats};

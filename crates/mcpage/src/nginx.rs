@@ -52,7 +52,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::config::Config;
-use crate::key::QueryMode;
+use crate::key::{MAX_KEY_LEN, QueryMode};
 use crate::ring::Hashing;
 
 /// Name of the memcached upstream in the rendered config.
@@ -426,9 +426,6 @@ fn memcached_key(config: &Config) -> (String, bool) {
     (key, needs_dollar)
 }
 
-/// memcached's `KEY_MAX_LENGTH`.
-const MAX_KEY_LEN: usize = 250;
-
 /// A PCRE (byte mode, as nginx compiles it) matching exactly the values `V`
 /// whose escaped key `K` is longer than [`MAX_KEY_LEN`]: `len(K) = n + 2e`
 /// for `n` bytes of which `e` are escaped by nginx (0x00-0x20 and `%`).
@@ -482,7 +479,6 @@ fn regex_escape(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
     use std::process::Command;
 
     use super::*;
@@ -764,44 +760,25 @@ mod tests {
     }
 
     /// A scratch directory under the system temp dir, removed on drop.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(name: &str) -> TempDir {
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos());
-            let dir = std::env::temp_dir().join(format!(
-                "mcpage-nginx-t-{name}-{}-{nanos}",
-                std::process::id()
-            ));
-            std::fs::create_dir_all(&dir).expect("create temp dir");
-            TempDir(dir)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
     /// The real `nginx -t` accepts every rendered config, without warnings.
     #[test]
     fn real_nginx_accepts_the_rendered_configs() {
         for (name, config) in all_configs() {
-            let dir = TempDir::new(name);
-            let file = dir.0.join("nginx.conf");
-            let text = render_nginx_full(&config, &dir.0);
+            let dir = tempfile::Builder::new()
+                .prefix(&format!("mcpage-nginx-t-{name}-"))
+                .tempdir()
+                .expect("create temp dir");
+            let file = dir.path().join("nginx.conf");
+            let text = render_nginx_full(&config, dir.path());
             std::fs::write(&file, &text).expect("write nginx.conf");
             let output = Command::new("nginx")
                 .arg("-t")
                 .arg("-p")
-                .arg(&dir.0)
+                .arg(dir.path())
                 .arg("-c")
                 .arg(&file)
                 .arg("-e")
-                .arg(dir.0.join("error.log"))
+                .arg(dir.path().join("error.log"))
                 .output()
                 .unwrap_or_else(|e| {
                     panic!(

@@ -14,8 +14,12 @@ use http::{HeaderMap, Method, StatusCode};
 use crate::config::Compiled;
 
 /// Why a request or response was not cached (the `X-Cache: BYPASS` reason,
-/// logged at debug level and counted in the metrics).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// logged at debug level and counted in the metrics). [`Bypass::reason`]
+/// gives the stable snake_case name; `Bypass::iter()` (strum) lists them all.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, strum::EnumCount, strum::EnumIter, strum::IntoStaticStr,
+)]
+#[strum(serialize_all = "snake_case")]
 #[non_exhaustive]
 pub enum Bypass {
     /// Not a GET.
@@ -51,61 +55,16 @@ pub enum Bypass {
     ContentEncoding,
     /// The body is larger than `cache.max_body_bytes`.
     TooLarge,
-    /// The application opted out (the [`SkipCache`](crate::layer::SkipCache) extension).
+    /// The application opted out (the [`SkipCache`](crate::SkipCache) extension).
     OptOut,
     /// Too many or too long tags.
     Tags,
 }
 
 impl Bypass {
-    /// Every reason, for metrics.
-    pub const ALL: [Bypass; 18] = [
-        Bypass::Method,
-        Bypass::Excluded,
-        Bypass::Session,
-        Bypass::Authorization,
-        Bypass::QueryString,
-        Bypass::BadRequest,
-        Bypass::KeyTooLong,
-        Bypass::Host,
-        Bypass::Unavailable,
-        Bypass::Status,
-        Bypass::ContentType,
-        Bypass::SetCookie,
-        Bypass::CacheControl,
-        Bypass::Vary,
-        Bypass::ContentEncoding,
-        Bypass::TooLarge,
-        Bypass::OptOut,
-        Bypass::Tags,
-    ];
-
     /// A short stable name (`session`, `set_cookie`, ...).
     pub fn reason(self) -> &'static str {
-        match self {
-            Bypass::Method => "method",
-            Bypass::Excluded => "excluded",
-            Bypass::Session => "session",
-            Bypass::Authorization => "authorization",
-            Bypass::QueryString => "query_string",
-            Bypass::BadRequest => "bad_request",
-            Bypass::KeyTooLong => "key_too_long",
-            Bypass::Host => "host",
-            Bypass::Unavailable => "unavailable",
-            Bypass::Status => "status",
-            Bypass::ContentType => "content_type",
-            Bypass::SetCookie => "set_cookie",
-            Bypass::CacheControl => "cache_control",
-            Bypass::Vary => "vary",
-            Bypass::ContentEncoding => "content_encoding",
-            Bypass::TooLarge => "too_large",
-            Bypass::OptOut => "opt_out",
-            Bypass::Tags => "tags",
-        }
-    }
-
-    pub(crate) fn index(self) -> usize {
-        Bypass::ALL.iter().position(|b| *b == self).unwrap_or(0)
+        self.into()
     }
 }
 
@@ -385,13 +344,16 @@ mod tests {
     }
 
     #[test]
-    fn reasons_are_unique() {
-        let mut reasons: Vec<_> = Bypass::ALL.iter().map(|b| b.reason()).collect();
+    fn reasons_are_unique_snake_case_and_index_the_counters() {
+        use strum::{EnumCount, IntoEnumIterator};
+        let mut reasons: Vec<_> = Bypass::iter().map(Bypass::reason).collect();
         reasons.sort_unstable();
         reasons.dedup();
-        assert_eq!(reasons.len(), Bypass::ALL.len());
-        for (i, b) in Bypass::ALL.iter().enumerate() {
-            assert_eq!(b.index(), i);
+        assert_eq!(reasons.len(), Bypass::COUNT);
+        assert_eq!(Bypass::QueryString.reason(), "query_string");
+        assert_eq!(Bypass::KeyTooLong.to_string(), "key_too_long");
+        for (i, b) in Bypass::iter().enumerate() {
+            assert_eq!(b as usize, i);
         }
     }
 }

@@ -25,7 +25,13 @@ pub(crate) const COMPACT_MIN_BYTES: usize = 4096;
 
 /// Extra lifetime of index items over the page TTL, so an index item always
 /// outlives the pages it lists (each registration extends it).
-pub(crate) const INDEX_TTL_MARGIN_SECS: u32 = 600;
+const INDEX_TTL_MARGIN_SECS: u32 = 600;
+
+/// Lifetime of index items and clocks for pages stored with `page_ttl`
+/// seconds: longer than any page they cover.
+pub(crate) fn index_ttl(page_ttl: u32) -> u32 {
+    page_ttl.saturating_add(INDEX_TTL_MARGIN_SECS)
+}
 
 /// Most tags one page may carry; more means the page is not cached.
 pub(crate) const MAX_TAGS_PER_PAGE: usize = 128;

@@ -192,8 +192,8 @@ async fn invalidate(
         Ok(removed) => {
             pages += removed.pages;
             let entry = counts.entry(kind).or_default();
-            for (item, count) in removed.by_item {
-                entry.insert(item, count.into());
+            for removed in removed.by_item {
+                entry.insert(removed.item, removed.pages.into());
             }
             Ok(())
         }
@@ -205,8 +205,8 @@ async fn invalidate(
     if !wanted.urls.is_empty() {
         match record("urls", invalidator.invalidate_urls(&wanted.urls).await) {
             Ok(()) => {}
-            Err(mcpage::Error::Invalid(reason)) => {
-                return error_json(StatusCode::BAD_REQUEST, &reason);
+            Err(error @ mcpage::Error::NoCacheKey { .. }) => {
+                return error_json(StatusCode::BAD_REQUEST, &error.to_string());
             }
             Err(error) => errors.push(error.to_string()),
         }
@@ -318,11 +318,12 @@ fn metrics(state: &State) -> Response<Full<Bytes>> {
         "# HELP mcpage_bypass_total Requests not cached, by reason.\n\
          # TYPE mcpage_bypass_total counter\n",
     );
-    for (reason, count) in &stats.bypass {
+    for bypass in &stats.bypass {
         let _ = writeln!(
             out,
-            "mcpage_bypass_total{{reason=\"{}\"}} {count}",
-            label(reason.reason())
+            "mcpage_bypass_total{{reason=\"{}\"}} {}",
+            label(bypass.reason.reason()),
+            bypass.count
         );
     }
     let servers = &stats.servers;

@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use mcpage::layer::SkipCache;
+use mcpage::SkipCache;
 
 /// Idle upstream connections kept open, and for how long.
 const POOL_MAX_IDLE: usize = 64;

@@ -31,7 +31,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use mcpage::layer::PageBody;
+use mcpage::PageBody;
 use mcpage::{Cache, PageCache, PageCacheLayer};
 use tokio::net::TcpListener;
 use tower::{Layer as _, ServiceExt as _};
@@ -179,7 +179,7 @@ pub(crate) async fn run(config: &mcpage::Config, args: Args) -> anyhow::Result<E
         }
     }
     tokio::select! {
-        () = state.cache.settle() => {}
+        () = state.cache.wait_for_writes() => {}
         () = tokio::time::sleep(SETTLE_GRACE) => {
             tracing::warn!("background page writes still running after {SETTLE_GRACE:?}: dropped");
         }
@@ -191,7 +191,7 @@ pub(crate) async fn run(config: &mcpage::Config, args: Args) -> anyhow::Result<E
     Ok(ExitCode::SUCCESS)
 }
 
-fn servers(servers: &[mcpage::config::ServerSpec]) -> String {
+fn servers(servers: &[mcpage::ServerSpec]) -> String {
     servers
         .iter()
         .map(ToString::to_string)

@@ -33,11 +33,11 @@
 mod body;
 mod service;
 
+#[cfg(feature = "axum")]
 use std::convert::Infallible;
 use std::sync::Arc;
 
 pub use body::PageBody;
-pub(crate) use service::Leader;
 pub use service::PageCache;
 
 use crate::cache::Cache;
@@ -84,7 +84,8 @@ impl<S> tower::Layer<S> for PageCacheLayer {
 }
 
 /// The tags a page depends on; put it in the response extensions (axum: return
-/// it as part of the response, e.g. `(CacheTags::new(["comments"]), Html(..))`).
+/// it as part of the response, e.g. `(CacheTags::new(["comments"]), Html(..))`;
+/// plain tower: `response.extensions_mut().insert(tags)`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CacheTags(Vec<String>);
 
@@ -117,6 +118,7 @@ impl CacheTags {
     }
 }
 
+#[cfg(feature = "axum")]
 impl axum::response::IntoResponseParts for CacheTags {
     type Error = Infallible;
 
@@ -134,10 +136,12 @@ impl axum::response::IntoResponseParts for CacheTags {
     }
 }
 
-/// Response extension: never cache this response (e.g. it shows a CSRF token).
+/// Response extension: never cache this response (e.g. it shows a CSRF token);
+/// axum: return it as part of the response, like [`CacheTags`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SkipCache;
 
+#[cfg(feature = "axum")]
 impl axum::response::IntoResponseParts for SkipCache {
     type Error = Infallible;
 

@@ -1,25 +1,23 @@
 //! [`PageCache`]: the service the layer produces.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
+use super::{CacheTags, PageBody, SkipCache};
+use crate::cache::Cache;
+use crate::key::PageKey;
+use crate::lock::{self, Role};
+use crate::policy::{self, Bypass};
+use crate::put::PageWrite;
+use crate::tags;
 use bytes::{Bytes, BytesMut};
 use http::header::{HOST, HeaderName, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::BodyExt;
-use tokio::sync::watch;
-
-use super::{CacheTags, PageBody, SkipCache};
-use crate::cache::{Cache, PageWrite};
-use crate::key::PageKey;
-use crate::policy::{self, Bypass};
-use crate::store::Mode;
-use crate::tags;
 
 static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 static X_CACHE_TAGS: HeaderName = HeaderName::from_static("x-cache-tags");
@@ -41,7 +39,7 @@ pub struct PageCache<S> {
 
 /// A response shared with concurrent requests for the same key.
 #[derive(Debug)]
-struct Shared {
+pub(crate) struct Shared {
     status: StatusCode,
     headers: HeaderMap,
     body: Bytes,
@@ -49,67 +47,8 @@ struct Shared {
     clock: u64,
 }
 
-type FlightState = Option<Option<Arc<Shared>>>;
-
-/// In-flight renders by page key. A flight stays open after its render
-/// until the page is stored (or the write fails): requests arriving before
-/// nginx can answer them from memcached share the render instead of
-/// starting another.
-#[derive(Debug, Default)]
-pub(crate) struct Flights(Mutex<HashMap<Vec<u8>, watch::Receiver<FlightState>>>);
-
-enum Role {
-    Leader(Leader),
-    Follower(watch::Receiver<FlightState>),
-}
-
-/// Removes its flight on drop; followers of a leader that vanished (client
-/// gone, panic) see the channel close and render themselves. A finished
-/// leader rides along with the page's background write.
-#[derive(Debug)]
-pub(crate) struct Leader {
-    flights: Arc<Flights>,
-    key: Vec<u8>,
-    sender: watch::Sender<FlightState>,
-}
-
-impl Leader {
-    fn finish(&self, shared: Option<Arc<Shared>>) {
-        self.sender.send_replace(Some(shared));
-    }
-
-    /// End the flight: later requests for the key start their own render.
-    pub(crate) fn close(self) {
-        drop(self);
-    }
-}
-
-impl Drop for Leader {
-    fn drop(&mut self) {
-        let mut map = self
-            .flights
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        map.remove(&self.key);
-    }
-}
-
-impl Flights {
-    fn join(self: &Arc<Self>, key: &[u8]) -> Role {
-        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(receiver) = map.get(key) {
-            return Role::Follower(receiver.clone());
-        }
-        let (sender, receiver) = watch::channel(None);
-        map.insert(key.to_vec(), receiver);
-        Role::Leader(Leader {
-            flights: Arc::clone(self),
-            key: key.to_vec(),
-            sender,
-        })
-    }
-}
+/// In-flight renders by page key (see [`crate::lock`]).
+pub(crate) type Flights = lock::Flights<Arc<Shared>>;
 
 impl<S> PageCache<S> {
     pub(crate) fn new(inner: S, cache: Cache, flights: Arc<Flights>, single_flight: bool) -> Self {
@@ -128,15 +67,10 @@ impl<S> PageCache<S> {
 
     /// Decide from the request alone: the page key, or why not.
     fn classify<B>(&self, request: &Request<B>) -> Result<PageKey, Bypass> {
-        let inner = &self.cache.inner;
-        policy::check_request(&inner.compiled, request.method(), request.headers())?;
-        // Inside `Router::nest` the URI is stripped; nginx saw the original.
-        let uri = request
-            .extensions()
-            .get::<axum::extract::OriginalUri>()
-            .map_or(request.uri(), |original| &original.0);
+        policy::check_request(self.cache.policy(), request.method(), request.headers())?;
+        let uri = original_uri(request);
         let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let host = if inner.config.keys.host {
+        let host = if self.cache.config().keys.host {
             let header = request.headers().get(HOST).map(HeaderValue::as_bytes);
             let authority = uri.authority().map(|a| a.as_str().as_bytes());
             // An absolute-form target (or HTTP/2 :authority) naming another host
@@ -154,6 +88,16 @@ impl<S> PageCache<S> {
         };
         self.cache.classify(host, target.as_bytes())
     }
+}
+
+/// The request target nginx saw: inside axum's `Router::nest` the URI is
+/// stripped, and the original is kept in the `OriginalUri` extension.
+fn original_uri<B>(request: &Request<B>) -> &http::Uri {
+    #[cfg(feature = "axum")]
+    if let Some(original) = request.extensions().get::<axum::extract::OriginalUri>() {
+        return &original.0;
+    }
+    request.uri()
 }
 
 fn mark<B>(response: &mut Response<B>, value: &HeaderValue) {
@@ -185,7 +129,7 @@ where
         let inner = std::mem::replace(&mut self.inner, clone);
         match self.classify(&request) {
             Err(reason) => {
-                self.cache.inner.metrics.bypassed(reason);
+                self.cache.metrics().bypassed(reason);
                 tracing::debug!(reason = reason.reason(), uri = %request.uri(), "cache bypass");
                 Box::pin(bypass(inner, request))
             }
@@ -222,11 +166,11 @@ where
     S: tower::Service<Request<ReqBody>, Response = Response<ResBody>>,
     ResBody: Body<Data = Bytes> + Unpin,
 {
-    let metrics = &cache.inner.metrics;
-    let role = flights.map(|f| f.join(&key.key));
+    let metrics = cache.metrics();
+    let role = flights.map(|f| f.join(&key.escaped));
     // The clock must be read before the render starts (see DESIGN.md); a
     // follower also judges the leader's render by it.
-    let clock = match cache.read_clock(Mode::FailFast).await {
+    let clock = match cache.read_clock().await {
         Ok(clock) => clock,
         Err(error) => {
             metrics.bypassed(Bypass::Unavailable);
@@ -237,15 +181,13 @@ where
     let leader = match role {
         None => None,
         Some(Role::Leader(leader)) => Some(leader),
-        Some(Role::Follower(mut receiver)) => {
+        Some(Role::Follower(follower)) => {
             // The leader's render may predate an invalidation that finished
             // before this request arrived: share it only when no invalidation
             // started between the leader's clock read and this one.
-            let shared = receiver
-                .wait_for(Option::is_some)
+            let shared = follower
+                .shared()
                 .await
-                .ok()
-                .and_then(|state| state.clone().flatten())
                 .filter(|shared| shared.clock >= clock);
             if let Some(shared) = shared {
                 metrics.shared.fetch_add(1, Ordering::Relaxed);
@@ -266,12 +208,12 @@ where
     let (mut parts, body) = response.into_parts();
     let header_tags = parts.headers.remove(&X_CACHE_TAGS);
 
-    let config = &cache.inner.config.cache;
+    let config = &cache.config().cache;
     let decision = if parts.extensions.get::<SkipCache>().is_some() {
         Err(Bypass::OptOut)
     } else {
         policy::check_response(
-            &cache.inner.compiled,
+            cache.policy(),
             config.ttl_secs,
             parts.status,
             &parts.headers,
@@ -342,7 +284,7 @@ where
             ttl,
             tags,
             clock,
-            flight: leader,
+            flight: leader.map(lock::Leader::into_permit),
         });
     }
     Ok(Response::from_parts(

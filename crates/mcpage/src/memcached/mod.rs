@@ -1,5 +1,7 @@
-//! memcached access: one `memcache::exp` async meta client per server, routed by
-//! nginx's own ring, with a circuit breaker per server and pipelined batches.
+//! The memcached client: one `memcache::exp` async meta client per server,
+//! routed by nginx's own ring, with a circuit breaker per server, pipelined
+//! batches, and the text-protocol commands the meta client does not speak
+//! (`stats`, `lru_crawler metadump`; parsed in [`text`]).
 //!
 //! Every server gets its own client (not one multi-server client with a
 //! `Router`) because routing needs the unescaped value V, weights and nginx's
@@ -14,18 +16,24 @@ use memcache::exp::{AsyncMetaClient, MetaClientBuilder, Operation};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-use crate::breaker::Breaker;
+mod breaker;
+pub(crate) mod text;
+
+use std::sync::Arc;
+
+use breaker::Breaker;
+
 use crate::config::{MemcachedConfig, ServerSpec};
 use crate::error::{Error, Result};
 use crate::ring::{Hashing, Ring};
 
 /// One memcached server.
 pub(crate) struct Server {
-    pub(crate) name: String,
+    name: String,
     client: AsyncMetaClient,
-    pub(crate) breaker: Breaker,
+    breaker: Breaker,
     /// Failed operations (transport, protocol, rejected, breaker open).
-    pub(crate) errors: AtomicU64,
+    errors: AtomicU64,
     timeout: Duration,
 }
 
@@ -37,12 +45,13 @@ impl std::fmt::Debug for Server {
     }
 }
 
-/// Whether a call honours the breaker (request path) or must be attempted
-/// regardless (invalidation: an open breaker is not a confirmation).
+/// Whether a call honours the server's circuit breaker (request path: fail
+/// fast while it is open) or must be attempted regardless (invalidation: an
+/// open breaker is not a confirmation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Mode {
-    FailFast,
-    Always,
+pub(crate) enum Circuit {
+    Honour,
+    Ignore,
 }
 
 /// Errors that say the server (not the request) is unwell.
@@ -55,8 +64,31 @@ fn is_server_failure(error: &memcache::exp::Error) -> bool {
 }
 
 impl Server {
-    fn check(&self, mode: Mode) -> Result<()> {
-        if mode == Mode::FailFast && !self.breaker.allow() {
+    /// The server as written in the config.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The client's view of this server, for [`crate::CacheStats`].
+    pub(crate) fn health(&self) -> crate::ServerStats {
+        crate::ServerStats {
+            name: self.name.clone(),
+            breaker_open: self.breaker.is_open(),
+            breaker_opened: self.breaker.opened_total(),
+            errors: self.errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// A protocol error about this server.
+    pub(crate) fn protocol(&self, message: impl Into<String>) -> Error {
+        Error::Protocol {
+            server: self.name.clone(),
+            message: message.into(),
+        }
+    }
+
+    fn check(&self, circuit: Circuit) -> Result<()> {
+        if circuit == Circuit::Honour && !self.breaker.allow() {
             self.errors.fetch_add(1, Ordering::Relaxed);
             return Err(Error::BreakerOpen {
                 server: self.name.clone(),
@@ -69,13 +101,17 @@ impl Server {
         self.errors.fetch_add(1, Ordering::Relaxed);
         Error::Memcached {
             server: self.name.clone(),
-            source,
+            source: Arc::new(source),
         }
     }
 
     /// Run one operation.
-    pub(crate) async fn run<O: Operation>(&self, mode: Mode, operation: O) -> Result<O::Output> {
-        self.check(mode)?;
+    pub(crate) async fn run<O: Operation>(
+        &self,
+        circuit: Circuit,
+        operation: O,
+    ) -> Result<O::Output> {
+        self.check(circuit)?;
         match self.client.run(operation).await {
             Ok(output) => {
                 self.breaker.record_success();
@@ -93,15 +129,15 @@ impl Server {
     /// Run operations pipelined on this server; one result per operation, in order.
     pub(crate) async fn run_many<O: Operation>(
         &self,
-        mode: Mode,
+        circuit: Circuit,
         operations: Vec<O>,
     ) -> Vec<Result<O::Output>> {
         if operations.is_empty() {
             return Vec::new();
         }
         let count = operations.len();
-        if let Err(error) = self.check(mode) {
-            return fail_all(count, &error, &self.name);
+        if let Err(error) = self.check(circuit) {
+            return fail_all(count, &error);
         }
         match self.client.run_many(operations).await {
             Ok(results) => {
@@ -127,7 +163,7 @@ impl Server {
                     self.breaker.record_failure();
                 }
                 let error = self.error(error);
-                fail_all(count, &error, &self.name)
+                fail_all(count, &error)
             }
         }
     }
@@ -200,16 +236,23 @@ impl Server {
     }
 }
 
-fn fail_all<T>(count: usize, error: &Error, server: &str) -> Vec<Result<T>> {
+/// The error of a batch that failed as a whole, once per operation.
+fn fail_all<T>(count: usize, error: &Error) -> Vec<Result<T>> {
     (0..count)
-        .map(|_| match error {
-            Error::BreakerOpen { .. } => Err(Error::BreakerOpen {
-                server: server.to_owned(),
-            }),
-            other => Err(Error::Protocol {
-                server: server.to_owned(),
-                message: other.to_string(),
-            }),
+        .map(|_| {
+            Err(match error {
+                Error::Memcached { server, source } => Error::Memcached {
+                    server: server.clone(),
+                    source: Arc::clone(source),
+                },
+                Error::BreakerOpen { server } => Error::BreakerOpen {
+                    server: server.clone(),
+                },
+                other => Error::Protocol {
+                    server: other.server().unwrap_or_default().to_owned(),
+                    message: other.detail(),
+                },
+            })
         })
         .collect()
 }
@@ -238,7 +281,7 @@ impl Pool {
                 .await
                 .map_err(|source| Error::Memcached {
                     server: spec.address.clone(),
-                    source,
+                    source: Arc::new(source),
                 })?;
             servers.push(Server {
                 name: spec.address.clone(),
@@ -274,20 +317,20 @@ impl Pool {
     /// groups concurrently; results in input order.
     pub(crate) async fn run_routed<O: Operation>(
         &self,
-        mode: Mode,
+        circuit: Circuit,
         ops: Vec<(Vec<u8>, O)>,
     ) -> Vec<Result<O::Output>> {
         let ops = ops
             .into_iter()
             .map(|(value, op)| (self.ring.pick(&value), op))
             .collect();
-        self.run_on(mode, ops).await
+        self.run_on(circuit, ops).await
     }
 
     /// Like [`run_routed`](Self::run_routed) with the server index given.
     pub(crate) async fn run_on<O: Operation>(
         &self,
-        mode: Mode,
+        circuit: Circuit,
         ops: Vec<(usize, O)>,
     ) -> Vec<Result<O::Output>> {
         let mut groups: Vec<(Vec<usize>, Vec<O>)> = self
@@ -300,41 +343,43 @@ impl Pool {
             groups[server].0.push(position);
             groups[server].1.push(op);
         }
-        self.run_grouped(mode, groups, count).await
+        self.run_grouped(circuit, groups, count).await
     }
 
     async fn run_grouped<O: Operation>(
         &self,
-        mode: Mode,
+        circuit: Circuit,
         groups: Vec<(Vec<usize>, Vec<O>)>,
         count: usize,
     ) -> Vec<Result<O::Output>> {
         let mut positions = Vec::new();
+        let mut names = Vec::new();
         let futures: Vec<_> = groups
             .into_iter()
             .zip(&self.servers)
             .filter(|((idx, _), _)| !idx.is_empty())
             .map(|((idx, ops), server)| {
                 positions.push(idx);
-                server.run_many(mode, ops)
+                names.push(server.name.as_str());
+                server.run_many(circuit, ops)
             })
             .collect();
         let results = join_all(futures).await;
         let mut out: Vec<Option<Result<O::Output>>> = (0..count).map(|_| None).collect();
-        for (idx, results) in positions.into_iter().zip(results) {
-            for (position, result) in idx.into_iter().zip(results) {
-                out[position] = Some(result);
+        for ((idx, results), server) in positions.into_iter().zip(results).zip(&names) {
+            // One result per operation; a short answer fails the rest.
+            let mut results = results.into_iter();
+            for position in idx {
+                out[position] = Some(results.next().unwrap_or_else(|| {
+                    Err(Error::Protocol {
+                        server: (*server).to_owned(),
+                        message: "pipelined batch returned fewer results than operations"
+                            .to_owned(),
+                    })
+                }));
             }
         }
-        out.into_iter()
-            .map(|slot| {
-                slot.unwrap_or_else(|| {
-                    Err(Error::Protocol {
-                        server: String::new(),
-                        message: "batch result missing".to_owned(),
-                    })
-                })
-            })
-            .collect()
+        // Every position was in exactly one group, so every slot is filled.
+        out.into_iter().flatten().collect()
     }
 }

@@ -1,0 +1,122 @@
+//! Counters and the snapshots [`Cache::stats`](crate::Cache::stats),
+//! `/_mcpage/metrics` and `mcpage stats` report.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use strum::{EnumCount, IntoEnumIterator};
+
+use crate::error::Result;
+use crate::policy::Bypass;
+
+/// Counters since start, shared by the layer, the write path and the invalidator.
+#[derive(Debug, Default)]
+pub(crate) struct Metrics {
+    pub(crate) stores: AtomicU64,
+    pub(crate) store_errors: AtomicU64,
+    pub(crate) retracted: AtomicU64,
+    pub(crate) misses: AtomicU64,
+    pub(crate) shared: AtomicU64,
+    bypass: [AtomicU64; Bypass::COUNT],
+    pub(crate) invalidations: AtomicU64,
+    pub(crate) invalidation_errors: AtomicU64,
+    pub(crate) pages_removed: AtomicU64,
+}
+
+impl Metrics {
+    pub(crate) fn bypassed(&self, reason: Bypass) {
+        self.bypass[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self, servers: Vec<ServerStats>) -> CacheStats {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        CacheStats {
+            stores: load(&self.stores),
+            store_errors: load(&self.store_errors),
+            retracted: load(&self.retracted),
+            misses: load(&self.misses),
+            shared: load(&self.shared),
+            bypass: Bypass::iter()
+                .map(|reason| BypassCount {
+                    reason,
+                    count: load(&self.bypass[reason as usize]),
+                })
+                .collect(),
+            invalidations: load(&self.invalidations),
+            invalidation_errors: load(&self.invalidation_errors),
+            pages_removed: load(&self.pages_removed),
+            servers,
+        }
+    }
+}
+
+/// A snapshot of the counters, for `/_mcpage/metrics` and `mcpage stats`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CacheStats {
+    /// Pages stored in memcached.
+    pub stores: u64,
+    /// Stores that failed (memcached error, breaker open, index full).
+    pub store_errors: u64,
+    /// Pages deleted again right after storing, because a tag was invalidated during the render.
+    pub retracted: u64,
+    /// Cacheable requests that reached the application.
+    pub misses: u64,
+    /// Requests answered from another request's render (single-flight).
+    pub shared: u64,
+    /// Requests not cached, one entry per [`Bypass`] reason (zeros included).
+    pub bypass: Vec<BypassCount>,
+    /// Completed invalidation calls.
+    pub invalidations: u64,
+    /// Invalidation calls that returned an error.
+    pub invalidation_errors: u64,
+    /// Pages removed by invalidation.
+    pub pages_removed: u64,
+    /// Per memcached server (pages and index pool).
+    pub servers: Vec<ServerStats>,
+}
+
+/// Requests not cached for one reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BypassCount {
+    /// The reason.
+    pub reason: Bypass,
+    /// Requests since start.
+    pub count: u64,
+}
+
+/// The client's view of one memcached server.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ServerStats {
+    /// As written in the config.
+    pub name: String,
+    /// The circuit breaker is open: request-path work skips this server.
+    pub breaker_open: bool,
+    /// Times the breaker opened since start.
+    pub breaker_opened: u64,
+    /// Failed operations since start.
+    pub errors: u64,
+}
+
+/// Tag index items on one index server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct IndexUsage {
+    /// Index items (tag shards).
+    pub items: u64,
+    /// Their total size in bytes (as memcached counts items).
+    pub bytes: u64,
+    /// The largest one.
+    pub largest: u64,
+}
+
+/// What one memcached server answered to a diagnostic command.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct ServerReport<T> {
+    /// The server as written in the config.
+    pub server: String,
+    /// Its answer, or why there is none.
+    pub result: Result<T>,
+}
