@@ -23,7 +23,6 @@
 //! Exit codes: 0 hit; 1 anything wrong (the line says what).
 
 use std::collections::BTreeMap;
-use std::hash::{BuildHasher, Hasher};
 use std::io::Read as _;
 use std::process::ExitCode;
 use std::sync::Mutex;
@@ -96,7 +95,7 @@ pub(crate) async fn run(config: &Config, args: Args) -> anyhow::Result<ExitCode>
         clients.push((server.address.clone(), client));
     }
 
-    let nonce = random_hex();
+    let nonce = random_hex()?;
     let mut probes = Vec::with_capacity(PROBES);
     for n in 0..PROBES {
         let path = format!("/mcpage-probe-{nonce}-{n}");
@@ -589,16 +588,11 @@ fn connect_address(listen: &str) -> String {
     }
 }
 
-/// 64 random bits as hex, without a random-number dependency.
-fn random_hex() -> String {
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    hasher.write_u32(std::process::id());
-    format!("{:016x}", hasher.finish())
+/// 64 random bits as hex: the probes' nonce.
+fn random_hex() -> anyhow::Result<String> {
+    let bits =
+        getrandom::u64().map_err(|error| anyhow!("no randomness for the probes: {error}"))?;
+    Ok(format!("{bits:016x}"))
 }
 
 fn show(key: &[u8]) -> String {
@@ -660,5 +654,12 @@ mod tests {
         let response = HttpResponse::new(404, &headers, Bytes::from(compressed));
         assert_eq!((response.status, response.x_cache_hit), (404, false));
         assert_eq!(response.body, b"plain");
+    }
+
+    #[test]
+    fn nonces_differ() {
+        let (a, b) = (random_hex().expect("a"), random_hex().expect("b"));
+        assert_eq!(a.len(), 16);
+        assert_ne!(a, b);
     }
 }
