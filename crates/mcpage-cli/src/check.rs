@@ -4,32 +4,43 @@
 //!    stored through the library (`Cache::store_page`, the layer's write
 //!    path) on the server mcpage expects, and a body naming each other page
 //!    server is written to that server under the same key.
-//! 2. Each probe is fetched through nginx (plain HTTP/1.1, no
-//!    `Accept-Encoding`). The body says which server nginx asked:
+//! 2. Each probe is fetched through nginx with hyper's client: plain
+//!    HTTP/1.1, no `Accept-Encoding`, no redirect followed, a new TCP
+//!    connection per request (`Connection: close`), as separate clients
+//!    would send them. The body says which server nginx asked:
 //!    - the expected one (with `X-Cache: HIT`): nginx and mcpage agree;
 //!    - another one: the ring differs (servers, weights, hashing);
 //!    - none: memcached's `cmd_get` counters before and after tell whether
 //!      nginx asked memcached at all (no: config not included, or bypass
 //!      rules) or asked for another key (prefix mismatch).
-//! 3. On a hit, ~20 more requests are sent and memcached's
-//!    `total_connections` compared: growing by one per request means nginx
-//!    has no keepalive pool to memcached.
+//! 3. On a hit, ~20 more requests are sent (one after another, each on its
+//!    own connection to nginx) and memcached's `total_connections` compared:
+//!    growing by one per request means nginx has no keepalive pool to
+//!    memcached (with one, the requests being sequential, at most one new
+//!    connection per nginx worker).
 //! 4. The probe keys are deleted from every page server, also on failure.
 //!
 //! Exit codes: 0 hit; 1 anything wrong (the line says what).
 
 use std::collections::BTreeMap;
-use std::hash::{BuildHasher, Hasher};
 use std::io::Read as _;
 use std::process::ExitCode;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
+use bytes::Bytes;
+use http::header::{CONNECTION, CONTENT_ENCODING, HOST, HeaderName, HeaderValue, USER_AGENT};
+use http::uri::{Authority, Scheme};
+use http::{HeaderMap, Request, Uri};
+use http_body_util::{BodyExt as _, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
 use mcpage::key::PageKey;
 use mcpage::{Cache, Config};
 use memcache::exp::{AsyncMetaClient, Delete, Set, Ttl};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::http_client::{self, Reuse, root_cause};
 
 /// Arguments of `mcpage check`.
 #[derive(Debug, clap::Args)]
@@ -51,12 +62,14 @@ const MEMCACHED_TIMEOUT: Duration = Duration::from_secs(2);
 /// One HTTP exchange with nginx (a miss may wait for the app).
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 
+static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+
 pub(crate) async fn run(config: &Config, args: Args) -> anyhow::Result<ExitCode> {
     let base = args
         .url
         .clone()
         .unwrap_or_else(|| format!("http://{}", connect_address(&config.nginx.listen)));
-    let authority = authority_of(&base)?;
+    let authority = nginx_authority(&base)?;
     let cache = Cache::connect(config)
         .await
         .context("cannot set up the memcached pools")?;
@@ -66,8 +79,10 @@ pub(crate) async fn run(config: &Config, args: Args) -> anyhow::Result<ExitCode>
             None => bail!("keys.host is on but cache.allowed_hosts is empty"),
         }
     } else {
-        authority.clone()
+        authority.to_string()
     };
+    let host_header = HeaderValue::from_str(&host)
+        .with_context(|| format!("`{host}` cannot be sent as a Host header"))?;
 
     let mut clients = Vec::new();
     for server in &config.memcached.servers {
@@ -80,7 +95,7 @@ pub(crate) async fn run(config: &Config, args: Args) -> anyhow::Result<ExitCode>
         clients.push((server.address.clone(), client));
     }
 
-    let nonce = random_hex();
+    let nonce = random_hex()?;
     let mut probes = Vec::with_capacity(PROBES);
     for n in 0..PROBES {
         let path = format!("/mcpage-probe-{nonce}-{n}");
@@ -104,8 +119,10 @@ pub(crate) async fn run(config: &Config, args: Args) -> anyhow::Result<ExitCode>
         config,
         cache: &cache,
         clients: &clients,
+        http: http_client::client(HTTP_TIMEOUT, Reuse::Never),
         authority: &authority,
         host: &host,
+        host_header,
         nonce: &nonce,
         base: &base,
         written: Mutex::new(Vec::new()),
@@ -149,8 +166,14 @@ struct Checker<'a> {
     config: &'a Config,
     cache: &'a Cache,
     clients: &'a [(String, AsyncMetaClient)],
-    authority: &'a str,
+    /// To nginx: no connection is reused (see the module docs, step 3).
+    http: Client<HttpConnector, Empty<Bytes>>,
+    /// nginx, `host:port`.
+    authority: &'a Authority,
+    /// The Host of the probes: `keys.host` mode's first allowed host, else
+    /// [`Checker::authority`].
     host: &'a str,
+    host_header: HeaderValue,
     nonce: &'a str,
     base: &'a str,
     /// Probe writes attempted: (key, server, confirmed).
@@ -395,7 +418,8 @@ impl Checker<'_> {
     }
 
     async fn fetch(&self, probe: &Probe) -> anyhow::Result<Answer> {
-        let response = http_get(self.authority, self.host, &probe.path)
+        let response = self
+            .get(&probe.path)
             .await
             .with_context(|| format!("GET {}{} through nginx", self.base, probe.path))?;
         for (server, _) in self.clients {
@@ -449,112 +473,108 @@ struct HttpResponse {
     body: Vec<u8>,
 }
 
-/// One `GET` on a fresh connection: no `Accept-Encoding`, `Connection: close`.
-async fn http_get(authority: &str, host: &str, path: &str) -> anyhow::Result<HttpResponse> {
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(authority)
-            .await
-            .with_context(|| format!("cannot connect to {authority}"))?;
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: mcpage-check\r\nConnection: close\r\n\r\n"
-        );
-        stream.write_all(request.as_bytes()).await?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await?;
-        anyhow::Ok(raw)
-    };
-    let raw = tokio::time::timeout(HTTP_TIMEOUT, exchange)
-        .await
-        .with_context(|| format!("no response within {HTTP_TIMEOUT:?}"))??;
-    parse_response(&raw)
-}
-
-fn parse_response(raw: &[u8]) -> anyhow::Result<HttpResponse> {
-    let end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .context("incomplete HTTP response")?;
-    let head = String::from_utf8_lossy(&raw[..end]);
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|line| line.split(' ').nth(1))
-        .and_then(|code| code.parse::<u16>().ok())
-        .context("bad HTTP status line")?;
-    let mut x_cache_hit = false;
-    let mut chunked = false;
-    let mut gzip = false;
-    let mut length = None;
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
-            continue;
+impl HttpResponse {
+    /// A gzip body (`Content-Encoding: gzip`, which nginx may send for a
+    /// page stored compressed) is decompressed when it can be.
+    fn new(status: u16, headers: &HeaderMap, body: Bytes) -> HttpResponse {
+        let any = |name: &HeaderName, wanted: &[u8]| {
+            headers
+                .get_all(name)
+                .iter()
+                .any(|value| value.as_bytes().trim_ascii().eq_ignore_ascii_case(wanted))
         };
-        let value = value.trim();
-        match name.trim().to_ascii_lowercase().as_str() {
-            "x-cache" => x_cache_hit |= value.eq_ignore_ascii_case("HIT"),
-            "transfer-encoding" => chunked |= value.to_ascii_lowercase().contains("chunked"),
-            "content-encoding" => gzip |= value.eq_ignore_ascii_case("gzip"),
-            "content-length" => length = value.parse::<usize>().ok(),
-            _ => {}
+        let mut body = body.to_vec();
+        if any(&CONTENT_ENCODING, b"gzip") {
+            let mut plain = Vec::new();
+            if flate2::read::GzDecoder::new(&body[..])
+                .read_to_end(&mut plain)
+                .is_ok()
+            {
+                body = plain;
+            }
         }
-    }
-    let mut body = raw[end + 4..].to_vec();
-    if chunked {
-        body = dechunk(&body).unwrap_or(body);
-    } else if let Some(length) = length {
-        body.truncate(length);
-    }
-    if gzip {
-        let mut plain = Vec::new();
-        if flate2::read::GzDecoder::new(&body[..])
-            .read_to_end(&mut plain)
-            .is_ok()
-        {
-            body = plain;
+        HttpResponse {
+            status,
+            x_cache_hit: any(&X_CACHE, b"HIT"),
+            body,
         }
-    }
-    Ok(HttpResponse {
-        status,
-        x_cache_hit,
-        body,
-    })
-}
-
-fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
-    let mut body = Vec::new();
-    loop {
-        let line_end = data.windows(2).position(|w| w == b"\r\n")?;
-        let size = std::str::from_utf8(&data[..line_end]).ok()?;
-        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
-        data = &data[line_end + 2..];
-        if size == 0 {
-            return Some(body);
-        }
-        body.extend_from_slice(data.get(..size)?);
-        data = data.get(size + 2..)?;
     }
 }
 
-/// `http://host:port[/]` → `host:port` (port 80 when absent).
-fn authority_of(url: &str) -> anyhow::Result<String> {
-    let Some(rest) = url.strip_prefix("http://") else {
-        bail!(
+impl Checker<'_> {
+    /// One `GET` of `path` on a new connection (`Connection: close`), within
+    /// [`HTTP_TIMEOUT`]: no `Accept-Encoding`, no redirect followed.
+    async fn get(&self, path: &str) -> anyhow::Result<HttpResponse> {
+        let uri = Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(self.authority.clone())
+            .path_and_query(path)
+            .build()
+            .with_context(|| format!("`{path}` cannot be requested"))?;
+        let request = Request::get(uri)
+            .header(HOST, self.host_header.clone())
+            .header(USER_AGENT, "mcpage-check")
+            .header(CONNECTION, "close")
+            .body(Empty::new())
+            .context("cannot build the request")?;
+        let exchange = async {
+            let response = self.http.request(request).await.map_err(|error| {
+                let cause = root_cause(&error);
+                if error.is_connect() {
+                    anyhow!("cannot connect to {}: {cause}", self.authority)
+                } else {
+                    anyhow!("{cause}")
+                }
+            })?;
+            let (head, body) = response.into_parts();
+            let body = body
+                .collect()
+                .await
+                .map_err(|error| anyhow!("reading the body: {}", root_cause(&error)))?;
+            anyhow::Ok(HttpResponse::new(
+                head.status.as_u16(),
+                &head.headers,
+                body.to_bytes(),
+            ))
+        };
+        tokio::time::timeout(HTTP_TIMEOUT, exchange)
+            .await
+            .with_context(|| format!("no response within {HTTP_TIMEOUT:?}"))?
+    }
+}
+
+/// nginx's address from `--url` (`http://host[:port][/...]`; a path or
+/// query is ignored): `host:port`, port 80 when absent.
+fn nginx_authority(url: &str) -> anyhow::Result<Authority> {
+    let usage = || {
+        format!(
             "--url `{url}` must be http://host:port (nginx's listen address; https is not supported)"
-        );
+        )
     };
-    let authority = rest.split('/').next().unwrap_or_default();
-    if authority.is_empty() {
-        bail!("--url `{url}` has no host");
+    let uri: Uri = url
+        .trim()
+        .parse()
+        .map_err(|error| anyhow!("{}: {error}", usage()))?;
+    if uri.scheme() != Some(&Scheme::HTTP) {
+        bail!("{}", usage());
     }
-    let has_port = !authority.ends_with(']')
-        && authority
-            .rsplit_once(':')
-            .is_some_and(|(_, port)| port.parse::<u16>().is_ok());
-    if has_port {
-        Ok(authority.to_owned())
-    } else {
-        Ok(format!("{authority}:80"))
+    let authority = match uri.authority() {
+        Some(authority) if !authority.host().is_empty() => authority,
+        _ => bail!("--url `{url}` has no host"),
+    };
+    if authority.as_str().contains('@') {
+        bail!("--url `{url}` must not contain credentials");
     }
+    let port = match authority.port_u16() {
+        Some(port) => port,
+        // `host:` or a port out of range.
+        None if authority.as_str() != authority.host() => {
+            bail!("--url `{url}` has no valid port (1-65535)")
+        }
+        None => 80,
+    };
+    Authority::try_from(format!("{}:{port}", authority.host()))
+        .map_err(|error| anyhow!("{}: {error}", usage()))
 }
 
 /// Where to connect for an nginx `listen` value (`8080`, `127.0.0.1:8080`, `*:80`).
@@ -569,16 +589,11 @@ fn connect_address(listen: &str) -> String {
     }
 }
 
-/// 64 random bits as hex, without a random-number dependency.
-fn random_hex() -> String {
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    hasher.write_u32(std::process::id());
-    format!("{:016x}", hasher.finish())
+/// 64 random bits as hex: the probes' nonce.
+fn random_hex() -> anyhow::Result<String> {
+    let bits =
+        getrandom::u64().map_err(|error| anyhow!("no randomness for the probes: {error}"))?;
+    Ok(format!("{bits:016x}"))
 }
 
 fn show(key: &[u8]) -> String {
@@ -591,32 +606,61 @@ mod tests {
 
     #[test]
     fn urls_and_listen_addresses() {
-        assert_eq!(
-            authority_of("http://127.0.0.1:8080").expect("ok"),
-            "127.0.0.1:8080"
-        );
-        assert_eq!(
-            authority_of("http://127.0.0.1:8080/").expect("ok"),
-            "127.0.0.1:8080"
-        );
-        assert_eq!(
-            authority_of("http://example.com").expect("ok"),
-            "example.com:80"
-        );
-        assert!(authority_of("https://example.com").is_err());
+        for (url, authority) in [
+            ("http://127.0.0.1:8080", "127.0.0.1:8080"),
+            ("http://127.0.0.1:8080/", "127.0.0.1:8080"),
+            ("http://127.0.0.1:8080/some/path?q=1", "127.0.0.1:8080"),
+            ("http://example.com", "example.com:80"),
+            ("http://[::1]:8080", "[::1]:8080"),
+            ("http://[::1]", "[::1]:80"),
+            (" http://localhost:81 ", "localhost:81"),
+        ] {
+            assert_eq!(nginx_authority(url).expect(url).as_str(), authority);
+        }
+        for (bad, needle) in [
+            ("https://example.com", "https is not supported"),
+            ("127.0.0.1:8080", "must be http://host:port"),
+            ("ftp://example.com", "must be http://host:port"),
+            ("http://", "must be http://host:port"),
+            ("http:///path", "must be http://host:port"),
+            ("not a url", "must be http://host:port"),
+            ("http://exa mple.com", "must be http://host:port"),
+            ("http://127.0.0.1:99999", "port"),
+            ("http://127.0.0.1:/", "port"),
+            ("", "must be http://host:port"),
+            ("http://u:p@127.0.0.1:8080", "credentials"),
+        ] {
+            let error = nginx_authority(bad).expect_err(bad).to_string();
+            assert!(error.starts_with(&format!("--url `{bad}` ")), "{error}");
+            assert!(error.contains(needle), "{bad}: {error}");
+        }
         assert_eq!(connect_address("8080"), "127.0.0.1:8080");
         assert_eq!(connect_address("0.0.0.0:80 reuseport"), "127.0.0.1:80");
     }
 
     #[test]
     fn responses() {
-        let raw = b"HTTP/1.1 200 OK\r\nX-Cache: HIT\r\nContent-Length: 3\r\n\r\nabc";
-        let response = parse_response(raw).expect("parse");
+        let mut headers = HeaderMap::new();
+        headers.append(&X_CACHE, HeaderValue::from_static("HIT"));
+        let response = HttpResponse::new(200, &headers, Bytes::from_static(b"abc"));
         assert_eq!((response.status, response.x_cache_hit), (200, true));
         assert_eq!(response.body, b"abc");
-        let raw = b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n1\r\nc\r\n0\r\n\r\n";
-        let response = parse_response(raw).expect("parse");
+
+        let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gzip, b"plain").expect("compress");
+        let compressed = gzip.finish().expect("compress");
+        let mut headers = HeaderMap::new();
+        headers.append(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        headers.append(&X_CACHE, HeaderValue::from_static("MISS"));
+        let response = HttpResponse::new(404, &headers, Bytes::from(compressed));
         assert_eq!((response.status, response.x_cache_hit), (404, false));
-        assert_eq!(response.body, b"abc");
+        assert_eq!(response.body, b"plain");
+    }
+
+    #[test]
+    fn nonces_differ() {
+        let (a, b) = (random_hex().expect("a"), random_hex().expect("b"));
+        assert_eq!(a.len(), 16);
+        assert_ne!(a, b);
     }
 }

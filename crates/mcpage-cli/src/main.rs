@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 mod check;
 mod explain;
+mod http_client;
 mod invalidate;
 mod nginx;
 mod proxy;

@@ -1,7 +1,6 @@
 //! The forwarding service under the layer: one request to the upstream over
 //! a keepalive pool, bodies streamed both ways, hop-by-hop headers removed.
 
-use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
 use std::net::IpAddr;
@@ -16,8 +15,9 @@ use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use mcpage::SkipCache;
+
+use crate::http_client::{self, Reuse, root_cause};
 
 /// Idle upstream connections kept open, and for how long.
 const POOL_MAX_IDLE: usize = 64;
@@ -102,16 +102,12 @@ impl Forward {
     /// Unless `cache_untagged`, a response without an `X-Cache-Tags` header is
     /// marked [`SkipCache`]: the backend opts pages in by tagging them.
     pub(crate) fn new(upstream: Upstream, head_timeout: Duration, cache_untagged: bool) -> Forward {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(head_timeout));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_max_idle_per_host(POOL_MAX_IDLE)
-            .build(connector);
+        let reuse = Reuse::Pool {
+            max_idle: POOL_MAX_IDLE,
+            idle_timeout: POOL_IDLE_TIMEOUT,
+        };
         Forward {
-            client,
+            client: http_client::client(head_timeout, reuse),
             upstream: Arc::new(upstream),
             head_timeout,
             cache_untagged,
@@ -189,27 +185,6 @@ impl tower::Service<Request<Incoming>> for Forward {
 
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
         Box::pin(self.clone().forward(request))
-    }
-}
-
-/// The most specific reason in an error chain: an I/O error's kind when it
-/// is a common one (`connection refused`), else the innermost message.
-fn root_cause(error: &(dyn StdError + 'static)) -> String {
-    let mut current: &(dyn StdError + 'static) = error;
-    loop {
-        if let Some(io) = current.downcast_ref::<std::io::Error>() {
-            use std::io::ErrorKind::*;
-            return match io.kind() {
-                ConnectionRefused | ConnectionReset | ConnectionAborted | TimedOut
-                | NotConnected | AddrNotAvailable | HostUnreachable | NetworkUnreachable
-                | BrokenPipe => io.kind().to_string(),
-                _ => io.to_string(),
-            };
-        }
-        match current.source() {
-            Some(source) => current = source,
-            None => return current.to_string(),
-        }
     }
 }
 
@@ -327,13 +302,5 @@ mod tests {
             headers["x-forwarded-for"],
             "203.0.113.7, 10.0.0.1, 127.0.0.1"
         );
-    }
-
-    #[test]
-    fn root_cause_names_the_io_error() {
-        let io = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
-        assert_eq!(root_cause(&io), "connection refused");
-        let other = std::io::Error::other("name or service not known");
-        assert_eq!(root_cause(&other), "name or service not known");
     }
 }
