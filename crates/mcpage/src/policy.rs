@@ -6,8 +6,9 @@
 
 use std::fmt;
 
+use headers::{CacheControl, HeaderMapExt, Vary};
 use http::header::{
-    AUTHORIZATION, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_TYPE, COOKIE, SET_COOKIE, VARY,
+    AUTHORIZATION, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_TYPE, COOKIE, SET_COOKIE,
 };
 use http::{HeaderMap, Method, StatusCode};
 
@@ -161,45 +162,39 @@ pub(crate) fn check_response(
     if !compiled.content_types.contains(&media_type) {
         return Err(Bypass::ContentType);
     }
-    for value in headers.get_all(VARY) {
-        let value = value.to_str().map_err(|_| Bypass::Vary)?;
-        if value
-            .split(',')
-            .map(str::trim)
-            .any(|field| !field.is_empty() && !field.eq_ignore_ascii_case("accept-encoding"))
-        {
-            return Err(Bypass::Vary);
-        }
+    // RFC 9110 12.5.5: nginx serves one representation per key, so the only
+    // variation a hit may carry is the encoding (gzip flag or gunzip).
+    let vary = headers.typed_try_get::<Vary>().map_err(|_| Bypass::Vary)?;
+    if let Some(vary) = vary
+        && (vary.is_any()
+            || vary
+                .iter_strs()
+                .any(|field| !field.is_empty() && !field.eq_ignore_ascii_case("accept-encoding")))
+    {
+        return Err(Bypass::Vary);
     }
-    let mut ttl = ttl_secs;
-    let mut s_maxage = None;
+    // Safe side first, as nginx's own proxy cache does
+    // (`ngx_http_upstream_process_cache_control`): the words anywhere in the
+    // value, so a malformed `private; max-age=0` still keeps the page private.
     for value in headers.get_all(CACHE_CONTROL) {
-        let value = value.to_str().map_err(|_| Bypass::CacheControl)?;
-        for directive in value.split(',') {
-            let directive = directive.trim();
-            let (name, arg) = match directive.split_once('=') {
-                Some((name, arg)) => (name.trim(), Some(arg.trim().trim_matches('"'))),
-                None => (directive, None),
-            };
-            if name.eq_ignore_ascii_case("private")
-                || name.eq_ignore_ascii_case("no-store")
-                || name.eq_ignore_ascii_case("no-cache")
-            {
-                return Err(Bypass::CacheControl);
-            }
-            let seconds = arg.and_then(|a| a.parse::<u32>().ok());
-            if name.eq_ignore_ascii_case("s-maxage") {
-                s_maxage = seconds;
-            } else if name.eq_ignore_ascii_case("max-age")
-                && let Some(seconds) = seconds
-            {
-                ttl = ttl.min(seconds);
-            }
+        let value = value.as_bytes().to_ascii_lowercase();
+        let has = |word: &[u8]| value.windows(word.len()).any(|w| w == word);
+        if has(b"private") || has(b"no-store") || has(b"no-cache") {
+            return Err(Bypass::CacheControl);
         }
     }
-    if let Some(seconds) = s_maxage {
-        // s-maxage speaks to shared caches and overrides max-age.
-        ttl = ttl_secs.min(seconds);
+    // RFC 9111 5.2.2: an unparsable Cache-Control (`max-age=abc`) is not
+    // trusted for a lifetime: not stored.
+    let cache_control = headers
+        .typed_try_get::<CacheControl>()
+        .map_err(|_| Bypass::CacheControl)?;
+    let secs = |d: std::time::Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
+    let mut ttl = ttl_secs;
+    if let Some(cc) = cache_control {
+        // s-maxage speaks to shared caches and overrides max-age (RFC 9111 5.2.2.10).
+        if let Some(lifetime) = cc.s_max_age().or(cc.max_age()) {
+            ttl = ttl.min(secs(lifetime));
+        }
     }
     if ttl == 0 {
         return Err(Bypass::CacheControl);
@@ -327,6 +322,52 @@ mod tests {
                 Err(Bypass::Vary),
             ),
             (200, &[html, ("vary", "*")], Err(Bypass::Vary)),
+            (
+                200,
+                &[html, ("vary", "accept-encoding"), ("vary", "cookie")],
+                Err(Bypass::Vary),
+            ),
+            (200, &[html, ("vary", "")], Ok(3600)),
+            // Malformed values err on the safe side (nginx looks for the words).
+            (
+                200,
+                &[html, ("cache-control", "private; max-age=0")],
+                Err(Bypass::CacheControl),
+            ),
+            (
+                200,
+                &[html, ("cache-control", "max-age=3600; private")],
+                Err(Bypass::CacheControl),
+            ),
+            (
+                200,
+                &[html, ("cache-control", "\"no-store\"")],
+                Err(Bypass::CacheControl),
+            ),
+            (
+                200,
+                &[html, ("cache-control", "max-age=abc")],
+                Err(Bypass::CacheControl),
+            ),
+            (
+                200,
+                &[html, ("cache-control", "max-age=-3600")],
+                Err(Bypass::CacheControl),
+            ),
+            (
+                200,
+                &[html, ("cache-control", "public, s-maxage=0, max-age=600")],
+                Err(Bypass::CacheControl),
+            ),
+            (
+                200,
+                &[
+                    html,
+                    ("cache-control", "public"),
+                    ("cache-control", "max-age=5"),
+                ],
+                Ok(5),
+            ),
             (
                 200,
                 &[html, ("content-encoding", "gzip")],
