@@ -50,6 +50,10 @@ pub(crate) struct Args {
     url: Option<String>,
 }
 
+/// Said when `cache.allowed_hosts` is still the loopback-only default.
+pub(crate) const LOOPBACK_ONLY: &str = "cache.allowed_hosts names only localhost and 127.0.0.1: \
+     pages for any other host name are never cached; set it to the site's names";
+
 /// Probe pages per run: one key can land on the right server by chance
 /// even when the rings differ; several rarely all do.
 const PROBES: usize = 8;
@@ -73,14 +77,29 @@ pub(crate) async fn run(config: &Config, args: Args) -> anyhow::Result<ExitCode>
     let cache = Cache::connect(config)
         .await
         .context("cannot set up the memcached pools")?;
-    let host = if config.keys.host {
-        match config.cache.allowed_hosts.first() {
-            Some(host) => host.clone(),
-            None => bail!("keys.host is on but cache.allowed_hosts is empty"),
-        }
+    // Pages are stored and served for the site's own names only: probe under
+    // the URL's host when it is one of them, else under the first name.
+    let first = config
+        .cache
+        .allowed_hosts
+        .first()
+        .context("cache.allowed_hosts is empty")?;
+    let url_host = mcpage::key::nginx_host(authority.as_str().as_bytes());
+    let allowed = url_host.is_some_and(|name| {
+        config
+            .cache
+            .allowed_hosts
+            .iter()
+            .any(|allowed| allowed.as_bytes() == name)
+    });
+    let host = if config.keys.host || !allowed {
+        first.clone()
     } else {
         authority.to_string()
     };
+    if config.cache.names_only_loopback() {
+        eprintln!("mcpage check: WARNING: {}", LOOPBACK_ONLY);
+    }
     let host_header = HeaderValue::from_str(&host)
         .with_context(|| format!("`{host}` cannot be sent as a Host header"))?;
 

@@ -85,11 +85,33 @@ fn mounts(service: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The compose service with the fixed address `ip` on its network.
+fn service_at<'a>(compose: &'a Value, ip: &str) -> (&'a str, &'a Value) {
+    let services = compose
+        .get("services")
+        .and_then(Value::as_mapping)
+        .expect("services");
+    services
+        .iter()
+        .find(|(_, service)| {
+            service
+                .get("networks")
+                .and_then(Value::as_mapping)
+                .is_some_and(|networks| {
+                    networks.values().any(|network| {
+                        network.get("ipv4_address").and_then(Value::as_str) == Some(ip)
+                    })
+                })
+        })
+        .map(|(name, service)| (name.as_str().expect("service name"), service))
+        .unwrap_or_else(|| panic!("docker-compose.yml has no service at {ip}"))
+}
+
 fn check_memcached(compose: &Value, servers: &[ServerSpec], no_evictions: bool) {
     assert!(!servers.is_empty());
     for server in servers {
-        let (host, port) = split(&server.address);
-        let service = service(compose, host);
+        let (ip, port) = split(&server.address);
+        let (host, service) = service_at(compose, ip);
         let command = strings(service.get("command"));
         assert!(
             command.first().is_some_and(|c| c == "memcached"),
@@ -158,7 +180,7 @@ fn services_and_ports_agree_with_the_config() {
         .servers
         .iter()
         .chain(&config.memcached.index_servers)
-        .map(|server| split(&server.address).0)
+        .map(|server| service_at(&compose, split(&server.address).0).0)
         .collect();
     let services = compose
         .get("services")

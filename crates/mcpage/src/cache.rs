@@ -64,7 +64,7 @@ impl Cache {
             config.keys.merge_slashes,
             config.keys.host,
         );
-        let index_keys = IndexKeys::new(&config.cache.index_namespace, config.cache.index_shards);
+        let index_keys = IndexKeys::new(&config.index_namespace(), config.cache.index_shards);
         let index_ttl = tags::index_ttl(config.cache.ttl_secs);
         let clocks = Clocks::new(Arc::clone(&index), index_keys.clone(), index_ttl);
         let metrics = Arc::new(Metrics::default());
@@ -120,8 +120,11 @@ impl Cache {
     }
 
     /// Would an anonymous GET of `target` be cached (before the response is
-    /// known)? The page key, or the reason why not. `host` is the Host header,
-    /// used in host mode (`keys.host`) and checked against `cache.allowed_hosts`.
+    /// known)? The page key, or the reason why not. `host` is the Host header
+    /// (`None`: none was sent, and nginx uses its first `server_name`); the
+    /// host the key is built from must be one of `cache.allowed_hosts` in
+    /// every mode, and the raw path must be canonical
+    /// ([`key::is_canonical_path`](crate::key::is_canonical_path)).
     ///
     /// # Errors
     /// The [`Bypass`] reason when the request would not be cached.
@@ -132,22 +135,17 @@ impl Cache {
             return Err(Bypass::Host);
         }
         let key = self.page_key(host, target)?;
-        if host_mode {
-            // Check the host the key was built from (an absolute-form target's
-            // own host wins over the Host header, as in nginx's $host).
-            let rest = key
-                .unescaped
-                .get(inner.config.keys.prefix.len()..)
-                .unwrap_or_default();
-            let keyed_host = rest.split(|b| *b == b'/').next().unwrap_or_default();
-            if !inner
-                .compiled
-                .allowed_hosts
-                .iter()
-                .any(|allowed| allowed == keyed_host)
-            {
+        // The host nginx keys on or serves: an absolute-form target's own host
+        // wins over the Host header, as in nginx's $host.
+        let line_host = crate::key::request_line_host(target);
+        if let Some(host) = line_host.or(host) {
+            let name = crate::key::nginx_host(host).ok_or(Bypass::Host)?;
+            if !inner.compiled.allowed_hosts.contains(&name) {
                 return Err(Bypass::Host);
             }
+        }
+        if !crate::key::is_canonical_path(target, &key.uri) {
+            return Err(Bypass::NonCanonicalPath);
         }
         policy::check_path(&inner.compiled, &key.uri)?;
         Ok(key)

@@ -177,6 +177,19 @@ impl From<ServerSpec> for ServerSpecRepr {
     }
 }
 
+/// `cache.allowed_hosts` by default: loopback only.
+const DEFAULT_HOSTS: [&str; 2] = ["localhost", "127.0.0.1"];
+
+impl CacheConfig {
+    /// Are `allowed_hosts` still the loopback-only default? (A production
+    /// site then caches nothing: the proxy and `mcpage check` say so.)
+    pub fn names_only_loopback(&self) -> bool {
+        self.allowed_hosts
+            .iter()
+            .all(|h| DEFAULT_HOSTS.contains(&h.as_str()))
+    }
+}
+
 /// `[keys]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -218,7 +231,12 @@ pub struct CacheConfig {
     pub session_cookies: Vec<String>,
     /// Response media types that are cached (parameters such as charset ignored).
     pub content_types: Vec<String>,
-    /// With `keys.host`: the only hosts whose pages are cached (lowercase, no port).
+    /// The site's host names (lowercase, no port), in every mode: a request
+    /// whose `Host` is not one of them is never stored, and nginx sends it to
+    /// the app without asking memcached. Without `keys.host`, the first one is
+    /// the canonical name nginx sends the app for cacheable requests. The
+    /// default names only loopback, so a local demo works and a production
+    /// site caches nothing until its names are set (the proxy says so at start).
     pub allowed_hosts: Vec<String>,
     /// Largest body stored (after gzip when `gzip` is on).
     pub max_body_bytes: usize,
@@ -226,7 +244,10 @@ pub struct CacheConfig {
     pub gzip: bool,
     /// The client-flags bit nginx reads as "this value is gzip".
     pub gzip_flag: u32,
-    /// Prefix of the tag index keys (clock, tag clocks, index shards).
+    /// Prefix of the tag index keys (clock, tag clocks, index shards). Empty
+    /// (the default): derived from `keys.prefix`, so deployments with
+    /// different prefixes on one pool never share tags or clocks (see
+    /// [`Config::index_namespace`]).
     pub index_namespace: String,
     /// Index items per tag; a tag's pages are spread over them.
     pub index_shards: u32,
@@ -243,11 +264,11 @@ impl Default for CacheConfig {
             exclude: Vec::new(),
             session_cookies: vec!["sessionid".to_owned()],
             content_types: vec!["text/html".to_owned()],
-            allowed_hosts: Vec::new(),
+            allowed_hosts: DEFAULT_HOSTS.iter().map(|h| (*h).to_owned()).collect(),
             max_body_bytes: 1_000_000,
             gzip: false,
             gzip_flag: 2,
-            index_namespace: "mcpage:".to_owned(),
+            index_namespace: String::new(),
             index_shards: 16,
             index_shard_max_bytes: 256 * 1024,
         }
@@ -357,6 +378,23 @@ impl Config {
         Ok(config)
     }
 
+    /// The prefix of the tag index keys and clocks: `cache.index_namespace`
+    /// when set, else `mcpage:` for an empty `keys.prefix` (the namespace of
+    /// earlier versions) and `mcpage:<8 hex digits of sha256(keys.prefix)>:`
+    /// otherwise, so two deployments on one pool never share tags or clocks.
+    pub fn index_namespace(&self) -> String {
+        use sha2::{Digest, Sha256};
+        if !self.cache.index_namespace.is_empty() {
+            return self.cache.index_namespace.clone();
+        }
+        if self.keys.prefix.is_empty() {
+            return "mcpage:".to_owned();
+        }
+        let digest = Sha256::digest(self.keys.prefix.as_bytes());
+        let hex: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+        format!("mcpage:{hex}:")
+    }
+
     /// Check every field; the error names the first bad one.
     pub fn validate(&self) -> Result<()> {
         self.compile().map(drop)
@@ -414,16 +452,15 @@ impl Config {
                 "must name at least one type",
             ));
         }
-        if self.cache.index_namespace.is_empty()
-            || self
-                .cache
-                .index_namespace
-                .bytes()
-                .any(|b| b <= b' ' || b == b'%' || b == 0x7f)
+        if self
+            .cache
+            .index_namespace
+            .bytes()
+            .any(|b| b <= b' ' || b == b'%' || b == 0x7f)
         {
             return Err(Error::config(
                 "cache.index_namespace",
-                "must be non-empty, without spaces or '%'",
+                "must not contain spaces or '%'",
             ));
         }
         if self.cache.index_namespace.len() + INDEX_KEY_OVERHEAD > crate::key::MAX_KEY_LEN {
@@ -444,10 +481,10 @@ impl Config {
                 "must be 1024..=524288",
             ));
         }
-        if self.keys.host && self.cache.allowed_hosts.is_empty() {
+        if self.cache.allowed_hosts.is_empty() {
             return Err(Error::config(
                 "cache.allowed_hosts",
-                "keys.host = true needs at least one allowed host",
+                "needs at least one host name: pages are only stored for the site's own names",
             ));
         }
         let allowed_hosts = self
@@ -456,9 +493,20 @@ impl Config {
             .iter()
             .enumerate()
             .map(|(i, host)| {
-                crate::key::nginx_host(host.as_bytes()).ok_or_else(|| {
-                    Error::config(format!("cache.allowed_hosts[{i}]"), "not a valid host name")
-                })
+                let field = format!("cache.allowed_hosts[{i}]");
+                let normalized = crate::key::nginx_host(host.as_bytes())
+                    .ok_or_else(|| Error::config(&field, "not a valid host name"))?;
+                // nginx compares `$host` (lowercase, no port) with these names.
+                if normalized != host.as_bytes() {
+                    return Err(Error::config(
+                        field,
+                        format!(
+                            "write `{}`: lowercase, without port or trailing dot",
+                            String::from_utf8_lossy(&normalized)
+                        ),
+                    ));
+                }
+                Ok(normalized)
             })
             .collect::<Result<Vec<_>>>()?;
         check_nginx_size("nginx.buffer_size", &self.nginx.buffer_size)?;
@@ -505,11 +553,21 @@ fn check_servers(field: &str, servers: &[ServerSpec], may_be_empty: bool) -> Res
             Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
             // nginx would hash an empty port but connect to 80: always write the port.
             _ => {
-                return Err(Error::config(
-                    field,
-                    format!("`{address}` must be host:port"),
-                ));
+                return Err(Error::config(field, format!("`{address}` must be ip:port")));
             }
+        }
+        // nginx resolves a name in an upstream once, into every address it
+        // has, each a server of its own (`ngx_parse_url`): `localhost:11211`
+        // becomes 127.0.0.1 and ::1, a ring unlike mcpage's one server.
+        if address.parse::<std::net::SocketAddr>().is_err() {
+            return Err(Error::config(
+                field,
+                format!(
+                    "`{address}` is not an IP address and port: nginx resolves a host name \
+                     into all of its addresses, each a server of its own, so its ring would \
+                     differ from mcpage's; write the address (127.0.0.1:11211, [::1]:11211)"
+                ),
+            ));
         }
         if !(1..=1000).contains(&server.weight) {
             // 160 ring points per unit of weight: keep the ring a sane size.
@@ -643,12 +701,43 @@ mod tests {
         assert_eq!(field_of(&c), "keys.prefix");
 
         let mut c = Config::default();
-        c.keys.host = true;
+        c.cache.allowed_hosts.clear();
         assert_eq!(field_of(&c), "cache.allowed_hosts");
+
+        let mut c = Config::default();
+        c.cache.allowed_hosts = vec!["Example.com:8080".into()];
+        assert_eq!(field_of(&c), "cache.allowed_hosts[0]");
+
+        let mut c = Config::default();
+        c.memcached.servers = vec![ServerSpec::new("localhost:11211")];
+        assert_eq!(field_of(&c), "memcached.servers[0]");
+
+        let mut c = Config::default();
+        c.memcached.index_servers = vec![ServerSpec::new("memcached:11211")];
+        assert_eq!(field_of(&c), "memcached.index_servers[0]");
 
         let mut c = Config::default();
         c.nginx.buffer_size = "64kb".into();
         assert_eq!(field_of(&c), "nginx.buffer_size");
+    }
+
+    #[test]
+    fn index_namespace_belongs_to_one_deployment() {
+        let mut c = Config::default();
+        assert_eq!(
+            c.index_namespace(),
+            "mcpage:",
+            "unchanged for the default prefix"
+        );
+        c.keys.prefix = "stg:".into();
+        let staging = c.index_namespace();
+        c.keys.prefix = "prod:".into();
+        let production = c.index_namespace();
+        assert_ne!(staging, production);
+        assert!(staging.starts_with("mcpage:") && staging.len() == "mcpage:".len() + 9);
+        c.cache.index_namespace = "shared:".into();
+        assert_eq!(c.index_namespace(), "shared:", "explicit wins");
+        c.validate().expect("valid");
     }
 
     #[test]

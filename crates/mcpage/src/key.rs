@@ -672,6 +672,66 @@ struct Target<'a> {
     line_host: Option<&'a [u8]>,
 }
 
+/// The host of an absolute-form request target (`http://h:8080/p` gives
+/// `h:8080`), which nginx uses instead of the `Host` header; `None` for
+/// origin-form (`/p`) and for targets nginx rejects.
+pub fn request_line_host(target: &[u8]) -> Option<&[u8]> {
+    split_target(target).ok()?.line_host
+}
+
+/// Is the raw path of `target` the canonical spelling of `uri`, the `$uri`
+/// nginx keys it on? Only then does an app that routes on the raw path (as
+/// nginx's `proxy_pass` without a URI part hands it) answer for the very page
+/// the key names. Canonical means: percent-decoding the raw path gives exactly
+/// `uri` (no `//` when slashes are merged, no `.` or `..` segments, nothing
+/// nginx rewrote), no `%2F` (an encoded slash that raw routers keep as one
+/// segment and nginx decodes), and no percent-encoded unreserved character
+/// (`A-Z a-z 0-9 - . _ ~`, RFC 3986 2.3: equivalent, but spelled otherwise).
+/// Other escapes (non-ASCII bytes, spaces, reserved characters) are fine.
+///
+/// A non-canonical target still gets the canonical page from nginx on a hit;
+/// the layer only refuses to store what the app answers for it.
+pub fn is_canonical_path(target: &[u8], uri: &[u8]) -> bool {
+    let Ok(Target {
+        path,
+        implicit_slash,
+        ..
+    }) = split_target(target)
+    else {
+        return false;
+    };
+    let raw = path.split(|&c| c == b'?').next().unwrap_or_default();
+    if implicit_slash {
+        return raw.is_empty() && uri == b"/";
+    }
+    let hex = |c: u8| (c as char).to_digit(16);
+    let mut decoded = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while let Some(&c) = raw.get(i) {
+        if c == b'%' {
+            let (Some(hi), Some(lo)) = (
+                raw.get(i + 1).copied().and_then(hex),
+                raw.get(i + 2).copied().and_then(hex),
+            ) else {
+                return false;
+            };
+            let byte = u8::try_from(hi * 16 + lo).unwrap_or(0);
+            if byte == b'/'
+                || byte.is_ascii_alphanumeric()
+                || matches!(byte, b'-' | b'.' | b'_' | b'~')
+            {
+                return false;
+            }
+            decoded.push(byte);
+            i += 3;
+        } else {
+            decoded.push(c);
+            i += 1;
+        }
+    }
+    decoded == uri
+}
+
 /// Splits a request target into the part nginx normalizes and, for
 /// absolute-form, the request-line host.
 fn split_target(target: &[u8]) -> Result<Target<'_>, KeySkip> {
@@ -777,6 +837,46 @@ pub fn split_url(url: &str) -> (Option<&str>, &str) {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn canonical_paths() {
+        let scheme = KeyScheme::new("", QueryMode::Include, true, false);
+        let table: &[(&[u8], bool)] = &[
+            (b"/posts/1", true),
+            (b"/posts/1?a=b", true),
+            (b"/", true),
+            (b"/caf%C3%A9", true),
+            (b"/caf\xc3\xa9", true),
+            (b"/a%20b", true),
+            (b"/a%3Bb", true),
+            (b"/posts//1", false),
+            (b"/posts/./1", false),
+            (b"/posts/x/../1", false),
+            (b"/posts%2F1", false),
+            (b"/posts%2f1", false),
+            (b"/%70osts/1", false),
+            (b"/posts/%31", false),
+            (b"/a%2Eb", false),
+            (b"/a%7Eb", false),
+            (b"/a/%2e%2e/b", false),
+            (b"http://example.com/posts/1", true),
+            (b"http://example.com", true),
+            (b"http://example.com//x", false),
+        ];
+        for (target, canonical) in table {
+            let key = scheme.page_key(Some(b"example.com"), target).expect("key");
+            assert_eq!(
+                is_canonical_path(target, &key.uri),
+                *canonical,
+                "{}",
+                String::from_utf8_lossy(target)
+            );
+        }
+        // Not merged: `//` is nginx's own $uri, so it is canonical.
+        let unmerged = KeyScheme::new("", QueryMode::Bypass, false, false);
+        let key = unmerged.page_key(None, b"/a//b").expect("key");
+        assert!(is_canonical_path(b"/a//b", &key.uri));
+    }
 
     fn uri(t: &[u8]) -> Option<Vec<u8>> {
         nginx_uri(t, true).ok().map(|u| u.uri)

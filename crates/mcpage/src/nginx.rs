@@ -12,8 +12,8 @@
 //! - Requests the layer would never cache go straight to the app, before
 //!   memcached is asked (`$mcpage_bypass`, see below): any method but GET/HEAD
 //!   (nginx would answer them 405), a session cookie, an `Authorization`
-//!   header, a query string (query mode `bypass`), a host that is not allowed
-//!   (host mode), an escaped key longer than memcached's 250 bytes (the layer
+//!   header, a query string (query mode `bypass`), a host that is not one of
+//!   `cache.allowed_hosts` (every mode), an escaped key longer than memcached's 250 bytes (the layer
 //!   never stores one; asking for it would make memcached answer
 //!   `CLIENT_ERROR` and nginx take that server out of the ring for
 //!   `fail_timeout`). They are sent with `return 418` to `error_page 418 =
@@ -25,6 +25,13 @@
 //!   their own `X-Cache`).
 //! - `/_mcpage/` (the proxy's admin paths) is never cached and only reachable
 //!   from loopback.
+//! - Request headers outside the key cannot shape a cached page: nginx sends
+//!   the app a `Host` it chose (the first allowed name for cacheable requests
+//!   without `keys.host`, `$host` with it; the port only when it is not 80 or
+//!   443), the same as `X-Forwarded-Host`, `X-Forwarded-For` and `X-Real-IP`
+//!   from the connection, `X-Forwarded-Proto` from `$scheme`, and clears every
+//!   header of [`UNKEYED_HEADERS`](crate::UNKEYED_HEADERS) (`X-Original-URL`,
+//!   `Forwarded`, `X-HTTP-Method-Override`, ...).
 //!
 //! The access log format `mcpage` (not switched on by the include: add
 //! `access_log /var/log/nginx/mcpage.log mcpage;` to the server or http level;
@@ -226,14 +233,13 @@ fn render_bypass_maps(out: &mut String, config: &Config) {
         rules.push(("$mcpage_bypass_query", "query"));
     }
 
-    if config.keys.host {
-        out.push_str("map $host $mcpage_bypass_host {\n    default 1;\n");
-        for host in &config.cache.allowed_hosts {
-            let _ = writeln!(out, "    {} 0;", quote(&host.to_ascii_lowercase()));
-        }
-        out.push_str("}\n\n");
-        rules.push(("$mcpage_bypass_host", "host"));
+    // Only the site's own names are cached (`$host`: lowercase, no port).
+    out.push_str("map $host $mcpage_bypass_host {\n    default 1;\n");
+    for host in &config.cache.allowed_hosts {
+        let _ = writeln!(out, "    {} 0;", quote(&host.to_ascii_lowercase()));
     }
+    out.push_str("}\n\n");
+    rules.push(("$mcpage_bypass_host", "host"));
 
     // A key memcached refuses (`CLIENT_ERROR`, 502) would also make nginx count
     // a failure against that server and skip it for `fail_timeout` (10 s): one
@@ -260,6 +266,26 @@ fn render_bypass_maps(out: &mut String, config: &Config) {
     out.push_str("}\n\n");
     out.push_str(
         "map $mcpage_bypass $mcpage_bypass_log {\n    \"\" -;\n    default $mcpage_bypass;\n}\n\n",
+    );
+
+    // The Host the app sees. A cacheable request gets one nginx chose, never
+    // the client's: the key has no port and (without `keys.host`) no host, so
+    // a page rendered for `Host: example.com:6666` or another allowed name
+    // would be served to everyone. Bypassed requests keep theirs.
+    let canonical = if config.keys.host {
+        "$host".to_owned()
+    } else {
+        config
+            .cache
+            .allowed_hosts
+            .first()
+            .map_or_else(|| "$host".to_owned(), |h| h.to_ascii_lowercase())
+    };
+    let _ = writeln!(
+        out,
+        "map $server_port $mcpage_port {{\n    default \":$server_port\";\n    80 \"\";\n    443 \"\";\n}}\n\n\
+         map $mcpage_bypass $mcpage_upstream_host {{\n    default $http_host;\n    \"\" {};\n}}\n",
+        quote(&format!("{canonical}$mcpage_port"))
     );
 
     // For the log: what happened to the request (see the module docs). Exact
@@ -327,6 +353,13 @@ fn render_server(out: &mut String, config: &Config) {
 
     out.push_str("server {\n");
     let _ = writeln!(out, "    listen {};", config.nginx.listen);
+    let names: Vec<String> = config
+        .cache
+        .allowed_hosts
+        .iter()
+        .map(|h| h.to_ascii_lowercase())
+        .collect();
+    let _ = writeln!(out, "    server_name {};", names.join(" "));
     let _ = writeln!(
         out,
         "    merge_slashes {};",
@@ -385,17 +418,40 @@ fn render_server(out: &mut String, config: &Config) {
     out.push_str("    }\n}\n");
 }
 
-/// No URI part on `proxy_pass`: the app sees the raw request target.
+/// No URI part on `proxy_pass`: the app sees the raw request target (the
+/// layer stores only canonical ones). Every header outside the key that apps
+/// read to shape a page is set by nginx or cleared (see the module docs).
 fn render_proxy(out: &mut String) {
     let _ = writeln!(out, "        proxy_pass http://{APP_UPSTREAM};");
     out.push_str(
         "        proxy_http_version 1.1;\n        \
          proxy_set_header Connection \"\";\n        \
-         proxy_set_header Host $http_host;\n        \
-         proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n        \
+         proxy_set_header Host $mcpage_upstream_host;\n        \
+         proxy_set_header X-Forwarded-Host $mcpage_upstream_host;\n        \
+         proxy_set_header X-Forwarded-For $remote_addr;\n        \
          proxy_set_header X-Forwarded-Proto $scheme;\n        \
+         proxy_set_header X-Forwarded-Port $server_port;\n        \
          proxy_set_header X-Real-IP $remote_addr;\n",
     );
+    for name in crate::policy::UNKEYED_HEADERS {
+        let _ = writeln!(out, "        proxy_set_header {} \"\";", header_case(name));
+    }
+}
+
+/// `x-original-url` as `X-Original-URL` (nginx does not care; readers do).
+fn header_case(name: &str) -> String {
+    name.split('-')
+        .map(|word| match word {
+            "url" | "uri" | "http" | "ssl" => word.to_ascii_uppercase(),
+            _ => {
+                let mut chars = word.chars();
+                chars.next().map_or_else(String::new, |first| {
+                    first.to_ascii_uppercase().to_string() + chars.as_str()
+                })
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("-")
 }
 
 /// The quoted value of `set $memcached_key`, and whether it uses `$mcpage_dollar`.
@@ -493,7 +549,7 @@ mod tests {
         config.memcached.servers = vec![
             ServerSpec::new("127.0.0.1:11211"),
             ServerSpec::new("127.0.0.1:11212").weight(2),
-            ServerSpec::new("localhost:11213").weight(3),
+            ServerSpec::new("127.0.0.3:11213").weight(3),
         ];
         config.memcached.hashing = Hashing::Modulo;
         config
@@ -589,10 +645,18 @@ mod tests {
             "proxy_pass http://mcpage_app;",
             "proxy_http_version 1.1;",
             "proxy_set_header Connection \"\";",
-            "proxy_set_header Host $http_host;",
-            "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
+            "proxy_set_header Host $mcpage_upstream_host;",
+            "proxy_set_header X-Forwarded-Host $mcpage_upstream_host;",
+            "proxy_set_header X-Forwarded-For $remote_addr;",
             "proxy_set_header X-Forwarded-Proto $scheme;",
             "proxy_set_header X-Real-IP $remote_addr;",
+            "proxy_set_header X-Original-URL \"\";",
+            "proxy_set_header X-HTTP-Method-Override \"\";",
+            "proxy_set_header Forwarded \"\";",
+            "server_name localhost 127.0.0.1;",
+            "map $host $mcpage_bypass_host {",
+            "\"localhost\" 0;",
+            "\"\" \"localhost$mcpage_port\";",
             "location /_mcpage/ {",
             "allow 127.0.0.1;",
             "allow ::1;",
@@ -601,12 +665,13 @@ mod tests {
             "\"~(?:^|;)\\s*(?:sessionid)\\s*(?:=|;|$)\" 1;",
             "map $http_authorization $mcpage_bypass_authorization {",
             "map $request_uri $mcpage_bypass_query {",
-            "map \"$mcpage_bypass_method$mcpage_bypass_cookie$mcpage_bypass_authorization$mcpage_bypass_query$mcpage_bypass_long_key\" $mcpage_bypass {",
+            "map \"$mcpage_bypass_method$mcpage_bypass_cookie$mcpage_bypass_authorization$mcpage_bypass_query$mcpage_bypass_host$mcpage_bypass_long_key\" $mcpage_bypass {",
             "\"~^1\" method;",
             "\"~^.1\" cookie;",
             "\"~^..1\" authorization;",
             "\"~^...1\" query;",
-            "\"~^....1\" long_key;",
+            "\"~^....1\" host;",
+            "\"~^.....1\" long_key;",
             "map $memcached_key $mcpage_bypass_long_key {",
             "log_format mcpage '$remote_addr [$time_local] \"$request\" $status $body_bytes_sent '",
         ] {
@@ -618,7 +683,8 @@ mod tests {
             "not_found",
             "weight=",
             "$mcpage_dollar",
-            "$host",
+            "$proxy_add_x_forwarded_for",
+            "Host $http_host;",
             "charset_types",
         ] {
             assert_lacks(&text, needle);
@@ -636,7 +702,7 @@ mod tests {
             "hash $memcached_key;",
             "server 127.0.0.1:11211;",
             "server 127.0.0.1:11212 weight=2;",
-            "server localhost:11213 weight=3;",
+            "server 127.0.0.3:11213 weight=3;",
         ] {
             assert_has(&text, line);
         }
@@ -660,7 +726,7 @@ mod tests {
         assert_lacks(&text, "$mcpage_bypass_query");
         assert_has(
             &text,
-            "map \"$mcpage_bypass_method$mcpage_bypass_cookie$mcpage_bypass_authorization$mcpage_bypass_long_key\" $mcpage_bypass {",
+            "map \"$mcpage_bypass_method$mcpage_bypass_cookie$mcpage_bypass_authorization$mcpage_bypass_host$mcpage_bypass_long_key\" $mcpage_bypass {",
         );
     }
 

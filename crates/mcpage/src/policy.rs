@@ -8,7 +8,7 @@ use std::fmt;
 
 use headers::{CacheControl, HeaderMapExt, Vary};
 use http::header::{
-    AUTHORIZATION, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_TYPE, COOKIE, SET_COOKIE,
+    AUTHORIZATION, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_TYPE, COOKIE, HOST, SET_COOKIE,
 };
 use http::{HeaderMap, Method, StatusCode};
 
@@ -60,7 +60,43 @@ pub enum Bypass {
     OptOut,
     /// Too many or too long tags.
     Tags,
+    /// The raw path is not the canonical spelling of the `$uri` nginx keys on
+    /// (`//`, `.` or `..` segments, `%2F`, an encoded unreserved character):
+    /// the app might route it elsewhere than the key's own path
+    /// ([`key::is_canonical_path`](crate::key::is_canonical_path)).
+    NonCanonicalPath,
+    /// The request carries a header outside the key that apps honour to
+    /// change what they render ([`UNKEYED_HEADERS`], or an `X-Forwarded-Host`
+    /// other than `Host`); the rendered nginx clears them, so only a request
+    /// that did not come through it has one.
+    UnkeyedHeader,
 }
+
+/// Request headers that are not part of the key but that frameworks honour to
+/// change the page: the host or scheme used for absolute links, the path
+/// routed, the method run. nginx as rendered by `mcpage nginx` clears each of
+/// them (`proxy_set_header X ""`); a cacheable request that still carries one
+/// did not come through it and is not stored ([`Bypass::UnkeyedHeader`]).
+/// `X-Forwarded-Host` is allowed when it equals `Host` (nginx sets it so);
+/// `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Port` and `X-Real-IP`
+/// are set by nginx from the connection and trusted (the app listens on loopback).
+pub const UNKEYED_HEADERS: [&str; 15] = [
+    "forwarded",
+    "x-forwarded-server",
+    "x-forwarded-prefix",
+    "x-forwarded-scheme",
+    "x-forwarded-ssl",
+    "x-forwarded-uri",
+    "x-host",
+    "x-original-host",
+    "x-original-url",
+    "x-original-uri",
+    "x-rewrite-url",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "front-end-https",
+];
 
 impl Bypass {
     /// A short stable name (`session`, `set_cookie`, ...).
@@ -101,6 +137,20 @@ pub(crate) fn check_request(
     }
     if has_session_cookie(&compiled.session_cookies, headers) {
         return Err(Bypass::Session);
+    }
+    if UNKEYED_HEADERS
+        .iter()
+        .any(|name| headers.get(*name).is_some_and(|v| !v.is_empty()))
+    {
+        return Err(Bypass::UnkeyedHeader);
+    }
+    if let Some(forwarded) = headers.get("x-forwarded-host").filter(|v| !v.is_empty()) {
+        let host = headers
+            .get(HOST)
+            .map(|h| crate::key::nginx_host(h.as_bytes()));
+        if host != Some(crate::key::nginx_host(forwarded.as_bytes())) {
+            return Err(Bypass::UnkeyedHeader);
+        }
     }
     Ok(())
 }
@@ -243,6 +293,47 @@ mod tests {
             (
                 &[("authorization", "Basic eDp5")],
                 Err(Bypass::Authorization),
+            ),
+            (&[("x-original-url", "/other")], Err(Bypass::UnkeyedHeader)),
+            (&[("X-Rewrite-URL", "/other")], Err(Bypass::UnkeyedHeader)),
+            (
+                &[("forwarded", "host=evil.example")],
+                Err(Bypass::UnkeyedHeader),
+            ),
+            (&[("x-host", "evil.example")], Err(Bypass::UnkeyedHeader)),
+            (
+                &[("x-forwarded-server", "evil")],
+                Err(Bypass::UnkeyedHeader),
+            ),
+            (
+                &[("x-http-method-override", "DELETE")],
+                Err(Bypass::UnkeyedHeader),
+            ),
+            (&[("x-original-url", "")], Ok(())),
+            (
+                &[
+                    ("host", "example.com"),
+                    ("x-forwarded-host", "evil.example"),
+                ],
+                Err(Bypass::UnkeyedHeader),
+            ),
+            (
+                &[("x-forwarded-host", "example.com")],
+                Err(Bypass::UnkeyedHeader),
+            ),
+            (
+                &[
+                    ("host", "Example.com:8080"),
+                    ("x-forwarded-host", "example.com"),
+                ],
+                Ok(()),
+            ),
+            (
+                &[
+                    ("x-forwarded-proto", "https"),
+                    ("x-forwarded-for", "10.0.0.1"),
+                ],
+                Ok(()),
             ),
         ];
         for (pairs, expected) in table {

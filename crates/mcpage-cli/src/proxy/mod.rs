@@ -144,6 +144,10 @@ pub(crate) async fn run(config: &mcpage::Config, args: Args) -> anyhow::Result<E
         },
     );
 
+    if config.cache.names_only_loopback() {
+        tracing::warn!("{}", crate::check::LOOPBACK_ONLY);
+    }
+
     let graceful = GracefulShutdown::new();
     let signal = loop {
         tokio::select! {

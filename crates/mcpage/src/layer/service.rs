@@ -70,22 +70,18 @@ impl<S> PageCache<S> {
         policy::check_request(self.cache.policy(), request.method(), request.headers())?;
         let uri = original_uri(request);
         let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let host = if self.cache.config().keys.host {
-            let header = request.headers().get(HOST).map(HeaderValue::as_bytes);
-            let authority = uri.authority().map(|a| a.as_str().as_bytes());
-            // An absolute-form target (or HTTP/2 :authority) naming another host
-            // than the Host header: nginx keys on the former, apps may render
-            // either. Storing under one what was rendered for the other would
-            // serve one host's page for another: not cached.
-            if let (Some(header), Some(authority)) = (header, authority)
-                && crate::key::nginx_host(header) != crate::key::nginx_host(authority)
-            {
-                return Err(Bypass::Host);
-            }
-            authority.or(header)
-        } else {
-            None
-        };
+        let header = request.headers().get(HOST).map(HeaderValue::as_bytes);
+        let authority = uri.authority().map(|a| a.as_str().as_bytes());
+        // An absolute-form target (or HTTP/2 :authority) naming another host
+        // than the Host header: nginx keys on (and checks) the former, apps
+        // may render either. Storing what was rendered for one under the
+        // other would serve one host's page for another: not cached.
+        if let (Some(header), Some(authority)) = (header, authority)
+            && crate::key::nginx_host(header) != crate::key::nginx_host(authority)
+        {
+            return Err(Bypass::Host);
+        }
+        let host = authority.or(header);
         self.cache.classify(host, target.as_bytes())
     }
 }
