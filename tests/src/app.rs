@@ -20,6 +20,11 @@ impl App {
         let listener = tokio::net::TcpListener::bind(address)
             .await
             .unwrap_or_else(|e| panic!("bind app on {address}: {e}"));
+        App::serve_listener(listener, router)
+    }
+
+    /// Serve `router` on a listener already bound. Needs a tokio runtime.
+    pub(crate) fn serve_listener(listener: tokio::net::TcpListener, router: axum::Router) -> App {
         let address = listener.local_addr().expect("app address");
         let task = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, router).await {

@@ -11,6 +11,9 @@
 //!   sends the request target byte for byte, follows no redirect and adds no
 //!   `Accept-Encoding`.
 //! - [`wait_until`]: poll an eventual condition with a deadline.
+//! - [`Stack`]: all of it wired together by one builder: memcached page
+//!   servers (and an index server), the mcpage `Cache` on them, the app
+//!   behind nginx, or only memcached and the cache.
 //!
 //! A missing `memcached` or `nginx` binary fails the test with the command
 //! that installs it; nothing is skipped.
@@ -26,6 +29,7 @@ mod http;
 mod memcached;
 mod nginx;
 mod process;
+mod stack;
 mod wait;
 
 pub use app::App;
@@ -34,4 +38,5 @@ pub use http::{Response, get, request, request_target, try_request};
 pub use memcached::Memcached;
 pub use nginx::Nginx;
 pub use process::{INSTALL_HINT, TempDir, free_addr, free_port};
+pub use stack::{Stack, StackBuilder};
 pub use wait::wait_until;

@@ -6,6 +6,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -20,7 +21,8 @@ const MEMCACHED_IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Runs `memcached -l 127.0.0.1 -p PORT -U 0 -m 64 -t 1` plus the extra
 /// arguments (and `-u root` when the tests run as root).
 pub struct Memcached {
-    child: Option<Child>,
+    /// Behind a lock so that a shared reference can stop or restart it.
+    child: Mutex<Option<Child>>,
     port: u16,
     args: Vec<String>,
     dir: PathBuf,
@@ -35,7 +37,7 @@ impl Memcached {
     /// Start with extra arguments (`-I 2m`, `-M`, ...).
     pub fn start_with(args: &[&str]) -> Memcached {
         let mut memcached = Memcached {
-            child: None,
+            child: Mutex::new(None),
             port: 0,
             args: args.iter().map(|a| (*a).to_owned()).collect(),
             dir: unique_dir("memcached"),
@@ -52,7 +54,7 @@ impl Memcached {
         panic!("memcached did not start: {last_error}");
     }
 
-    fn spawn(&mut self) -> anyhow::Result<()> {
+    fn spawn(&self) -> anyhow::Result<()> {
         let log_path = self.dir.join("memcached.log");
         let log = std::fs::File::create(&log_path).context("create memcached.log")?;
         let mut command = Command::new("memcached");
@@ -79,18 +81,17 @@ impl Memcached {
         let child = command
             .spawn()
             .unwrap_or_else(|e| spawn_error("memcached", e));
-        self.child = Some(child);
+        *self.child() = Some(child);
         let deadline = Instant::now() + START_DEADLINE;
         loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    self.child = None;
-                    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-                    bail!(
-                        "memcached exited with {status} on port {}: {log}",
-                        self.port
-                    );
-                }
+            let exited = self.child().as_mut().map(Child::try_wait);
+            if let Some(Ok(Some(status))) = exited {
+                *self.child() = None;
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                bail!(
+                    "memcached exited with {status} on port {}: {log}",
+                    self.port
+                );
             }
             if self.is_responsive(Duration::from_millis(200)) {
                 return Ok(());
@@ -107,8 +108,13 @@ impl Memcached {
         }
     }
 
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
+    fn child(&self) -> MutexGuard<'_, Option<Child>> {
+        self.child.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn kill(&self) {
+        let child = self.child().take();
+        if let Some(mut child) = child {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -126,16 +132,16 @@ impl Memcached {
 
     /// The process id, while running.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.child().as_ref().map(Child::id)
     }
 
     /// Kill the process; the port then refuses connections.
-    pub fn stop(&mut self) {
+    pub fn stop(&self) {
         self.kill();
     }
 
     /// Stop (when running) and start again on the same port, empty.
-    pub fn restart(&mut self) {
+    pub fn restart(&self) {
         self.kill();
         if let Err(e) = self.spawn() {
             panic!("memcached did not restart on port {}: {e:#}", self.port);

@@ -19,11 +19,20 @@ pub struct Nginx {
 impl Nginx {
     /// Render, start and wait until `config.nginx.listen` accepts connections.
     /// Panics with error.log when nginx does not come up. Point
-    /// `config.nginx.listen`/`app` at [`free_addr`]s first.
+    /// `config.nginx.listen`/`app` at [`free_addr`](crate::free_addr)s first.
     pub fn start(config: &mcpage::Config) -> Nginx {
+        Nginx::start_with(&config.nginx.listen, |dir| {
+            mcpage::nginx::render_nginx_full(config, dir)
+        })
+    }
+
+    /// nginx from a config the test writes itself: `text` gets the prefix
+    /// directory (for logs, pid and temp paths) and returns nginx.conf.
+    /// Waits until `listen` accepts connections, like [`start`](Self::start).
+    pub fn start_with(listen: &str, text: impl FnOnce(&Path) -> String) -> Nginx {
         let dir = unique_dir("nginx");
         let conf = dir.join("nginx.conf");
-        let text = mcpage::nginx::render_nginx_full(config, &dir);
+        let text = text(&dir);
         std::fs::write(&conf, &text).unwrap_or_else(|e| panic!("write {}: {e}", conf.display()));
         let output = std::fs::File::create(dir.join("stderr.log")).expect("create stderr.log");
         let mut prefix = dir.clone().into_os_string();
@@ -44,7 +53,7 @@ impl Nginx {
         let mut nginx = Nginx {
             child: Some(child),
             dir,
-            address: connect_address(&config.nginx.listen),
+            address: connect_address(listen),
         };
         nginx.wait_ready(&text);
         nginx
