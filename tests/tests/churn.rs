@@ -14,9 +14,8 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::extract::OriginalUri;
 use axum::http::header;
-use mcpage::config::ServerSpec;
-use mcpage::{Cache, CacheTags, Config, PageCacheLayer};
-use mcpage_tests::{Memcached, XorShift, env_count};
+use mcpage::{Cache, CacheTags, PageCacheLayer};
+use mcpage_tests::{Memcached, Stack, XorShift, env_count};
 use tower::ServiceExt;
 
 const URLS: u64 = 10_000;
@@ -90,14 +89,13 @@ async fn index_stays_bounded_under_churn() {
         .with_env_filter("mcpage=warn")
         .with_test_writer()
         .try_init();
-    let pages = Memcached::start();
-    let index = Memcached::start_with(&["-M", "-m", "64"]);
-    let mut config = Config::default();
-    config.memcached.servers = vec![ServerSpec::new(pages.address())];
-    config.memcached.index_servers = vec![ServerSpec::new(index.address())];
-    config.memcached.timeout_ms = 2_000;
-    let cache = Cache::connect(&config).await.expect("cache");
-    let max_item = config.cache.index_shard_max_bytes;
+    let stack = Stack::builder()
+        .index_server(&["-M", "-m", "64"])
+        .config(|c| c.memcached.timeout_ms = 2_000)
+        .start()
+        .await;
+    let (pages, index, cache) = (&stack.memcached()[0], stack.index(), stack.cache());
+    let max_item = stack.config().cache.index_shard_max_bytes;
 
     let router = Router::new()
         .fallback(|OriginalUri(uri): OriginalUri| async move {

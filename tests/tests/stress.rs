@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use axum::Router;
 use axum::extract::{OriginalUri, State};
 use axum::http::header;
-use mcpage::{Cache, CacheTags, Config, PageCacheLayer};
-use mcpage_tests::{Memcached, XorShift, env_count};
+use mcpage::{CacheTags, PageCacheLayer};
+use mcpage_tests::{Stack, XorShift, env_count};
 use tower::ServiceExt;
 
 const PAGES: usize = 16;
@@ -27,18 +27,17 @@ async fn yield_times(n: u64) {
 }
 
 /// A cache on one fresh memcached, patient enough for a loaded machine.
-async fn cache_on_one_memcached() -> (Memcached, Cache) {
-    let memcached = Memcached::start();
-    let mut config = Config::default();
-    config.memcached.servers = vec![mcpage::config::ServerSpec::new(memcached.address())];
-    config.memcached.timeout_ms = 2_000;
-    let cache = Cache::connect(&config).await.expect("cache");
-    (memcached, cache)
+async fn cache_on_one_memcached() -> Stack {
+    Stack::builder()
+        .config(|c| c.memcached.timeout_ms = 2_000)
+        .start()
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_stale_page_survives_concurrent_invalidation() {
-    let (memcached, cache) = cache_on_one_memcached().await;
+    let stack = cache_on_one_memcached().await;
+    let (memcached, cache) = (&stack.memcached()[0], stack.cache());
 
     // The "database": one version number every page shows.
     let version = Arc::new(AtomicU64::new(0));
@@ -140,7 +139,8 @@ async fn no_stale_page_survives_concurrent_invalidation() {
 async fn no_request_after_an_invalidation_gets_an_older_shared_render() {
     const SHARED_PAGES: u64 = 4;
     const REQUESTS_PER_ROUND: usize = 16;
-    let (_memcached, cache) = cache_on_one_memcached().await;
+    let stack = cache_on_one_memcached().await;
+    let cache = stack.cache();
 
     let version = Arc::new(AtomicU64::new(0));
     let router = Router::new()
