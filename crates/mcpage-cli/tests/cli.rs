@@ -4,15 +4,14 @@
 
 use std::collections::HashSet;
 use std::io::Write;
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Instant;
 
+use mcpage::Config;
 use mcpage::config::ServerSpec;
 use mcpage::ring::Hashing;
-use mcpage::{Cache, Config};
-use mcpage_tests::{INSTALL_HINT, Memcached, Nginx, TempDir, free_addr};
+use mcpage_tests::{INSTALL_HINT, Memcached, Nginx, Stack, TempDir, free_addr};
 
 // ---------------------------------------------------------------------------
 // helpers
@@ -111,9 +110,13 @@ fn config_for(servers: &[&Memcached]) -> Config {
         .iter()
         .map(|m| ServerSpec::new(m.address()))
         .collect();
-    // Generous for a loaded CI machine; still far below any test deadline.
-    config.memcached.timeout_ms = 2000;
+    patient(&mut config);
     config
+}
+
+/// Timeouts generous for a loaded CI machine; still far below any test deadline.
+fn patient(config: &mut Config) {
+    config.memcached.timeout_ms = 2000;
 }
 
 /// The first key in memcached that contains `needle`.
@@ -577,11 +580,10 @@ fn explain_prints_aligned_fields_without_memcached() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalidate_reports_what_it_removed() {
-    let mut memcached = Memcached::start();
-    let config = config_for(&[&memcached]);
+    let stack = Stack::builder().config(patient).start().await;
+    let (memcached, cache) = (&stack.memcached()[0], stack.cache());
     let dir = TempDir::new("invalidate");
-    let config_path = write_config(&dir, "mcpage.toml", &config);
-    let cache = Cache::connect(&config).await.expect("connect");
+    let config_path = write_config(&dir, "mcpage.toml", stack.config());
     for (target, tags) in [
         ("/a", &["t1"][..]),
         ("/b", &["t1", "t2"][..]),
@@ -669,14 +671,15 @@ async fn invalidate_reports_what_it_removed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stats_reports_servers_index_evictions_and_outages() {
-    let pages = Memcached::start();
-    // A tiny index server that has to evict.
-    let mut index = Memcached::start_with(&["-m", "2"]);
-    let mut config = config_for(&[&pages]);
-    config.memcached.index_servers = vec![ServerSpec::new(index.address())];
+    let stack = Stack::builder()
+        // A tiny index server that has to evict.
+        .index_server(&["-m", "2"])
+        .config(patient)
+        .start()
+        .await;
+    let (pages, index, cache) = (&stack.memcached()[0], stack.index(), stack.cache());
     let dir = TempDir::new("stats");
-    let config_path = write_config(&dir, "mcpage.toml", &config);
-    let cache = Cache::connect(&config).await.expect("connect");
+    let config_path = write_config(&dir, "mcpage.toml", stack.config());
     for n in 0..3 {
         cache
             .store_page(&format!("/p/{n}"), "<p>page</p>", ["all", "p"])
@@ -831,71 +834,11 @@ fn check_finds_a_different_ring() {
     assert_no_probes(&[&a, &b]);
 }
 
-/// nginx from a hand-written config, stopped on drop.
-struct RawNginx {
-    child: Child,
-    dir: TempDir,
-}
-
-impl RawNginx {
-    fn start(listen: &str, config_text: impl FnOnce(&Path) -> String) -> RawNginx {
-        let dir = TempDir::new("raw-nginx");
-        let conf = dir.path().join("nginx.conf");
-        std::fs::write(&conf, config_text(dir.path())).expect("write nginx.conf");
-        let child = Command::new("nginx")
-            .arg("-p")
-            .arg(format!("{}/", dir.path().display()))
-            .arg("-c")
-            .arg(&conf)
-            .arg("-e")
-            .arg(dir.path().join("error.log"))
-            .args(["-g", "daemon off;"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    panic!("`nginx` is not installed: {INSTALL_HINT}");
-                }
-                panic!("cannot start nginx: {e}");
-            });
-        let mut nginx = RawNginx { child, dir };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while TcpStream::connect(listen).is_err() {
-            if let Ok(Some(status)) = nginx.child.try_wait() {
-                panic!(
-                    "nginx exited ({status}):\n{}",
-                    std::fs::read_to_string(nginx.dir.path().join("error.log")).unwrap_or_default()
-                );
-            }
-            assert!(Instant::now() < deadline, "nginx not listening on {listen}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        nginx
-    }
-}
-
-impl Drop for RawNginx {
-    fn drop(&mut self) {
-        // SIGTERM lets the master stop its workers.
-        let _ = Command::new("kill")
-            .args(["-s", "TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn check_sees_nginx_not_asking_memcached() {
     let (a, b, config) = check_setup();
     let listen = config.nginx.listen.clone();
-    let nginx = RawNginx::start(&listen, |dir| {
+    let nginx = Nginx::start_with(&listen, |dir| {
         let d = dir.display();
         format!(
             "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
@@ -924,7 +867,7 @@ fn check_warns_without_a_keepalive_pool() {
     config.nginx.keepalive = 77;
     let listen = config.nginx.listen.clone();
     let rendered = config.clone();
-    let _nginx = RawNginx::start(&listen, |dir| {
+    let _nginx = Nginx::start_with(&listen, |dir| {
         let text = mcpage::nginx::render_nginx_full(&rendered, dir);
         assert!(text.contains("    keepalive 77;\n"), "{text}");
         text.replace("    keepalive 77;\n", "")
@@ -952,7 +895,6 @@ fn check_fails_clearly_when_nginx_or_memcached_is_not_there() {
     assert_no_probes(&[&a, &b]);
 
     // A page server that is down: named, in one line, and nothing left behind.
-    let mut b = b;
     b.stop();
     let run = check(&config, &free_addr());
     assert_eq!(run.code, Some(1), "{}", run.both());
