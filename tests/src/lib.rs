@@ -37,6 +37,6 @@ pub use data::{XorShift, env_count, gzip, random_text};
 pub use http::{Response, get, request, request_target, try_request};
 pub use memcached::Memcached;
 pub use nginx::Nginx;
-pub use process::{INSTALL_HINT, TempDir, free_addr, free_port};
+pub use process::{INSTALL_HINT, free_addr, free_port, temp_dir};
 pub use stack::{Stack, StackBuilder};
 pub use wait::wait_until;

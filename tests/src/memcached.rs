@@ -4,14 +4,14 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use tempfile::TempDir;
 
-use crate::process::{POLL, START_DEADLINE, free_port, is_root, signal, spawn_error, unique_dir};
+use crate::process::{POLL, START_DEADLINE, free_port, is_root, signal, spawn_error, temp_dir};
 
 /// How long one memcached exchange may take.
 const MEMCACHED_IO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -25,7 +25,7 @@ pub struct Memcached {
     child: Mutex<Option<Child>>,
     port: u16,
     args: Vec<String>,
-    dir: PathBuf,
+    dir: TempDir,
 }
 
 impl Memcached {
@@ -40,7 +40,7 @@ impl Memcached {
             child: Mutex::new(None),
             port: 0,
             args: args.iter().map(|a| (*a).to_owned()).collect(),
-            dir: unique_dir("memcached"),
+            dir: temp_dir("memcached"),
         };
         // Another process may take the free port before memcached binds it: try a few.
         let mut last_error = String::new();
@@ -55,7 +55,7 @@ impl Memcached {
     }
 
     fn spawn(&self) -> anyhow::Result<()> {
-        let log_path = self.dir.join("memcached.log");
+        let log_path = self.dir.path().join("memcached.log");
         let log = std::fs::File::create(&log_path).context("create memcached.log")?;
         let mut command = Command::new("memcached");
         command
@@ -339,7 +339,6 @@ impl Memcached {
 impl Drop for Memcached {
     fn drop(&mut self) {
         self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -2,17 +2,19 @@
 
 use std::fmt;
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::process::{POLL, START_DEADLINE, reap, signal, spawn_error, unique_dir};
+use tempfile::TempDir;
+
+use crate::process::{POLL, START_DEADLINE, reap, signal, spawn_error, temp_dir};
 
 /// nginx running `render_nginx_full(config)` from its own temp directory,
 /// stopped (SIGTERM, then SIGKILL) and cleaned up on drop.
 pub struct Nginx {
     child: Option<Child>,
-    dir: PathBuf,
+    dir: TempDir,
     address: String,
 }
 
@@ -30,12 +32,13 @@ impl Nginx {
     /// directory (for logs, pid and temp paths) and returns nginx.conf.
     /// Waits until `listen` accepts connections, like [`start`](Self::start).
     pub fn start_with(listen: &str, text: impl FnOnce(&Path) -> String) -> Nginx {
-        let dir = unique_dir("nginx");
-        let conf = dir.join("nginx.conf");
-        let text = text(&dir);
+        let dir = temp_dir("nginx");
+        let conf = dir.path().join("nginx.conf");
+        let text = text(dir.path());
         std::fs::write(&conf, &text).unwrap_or_else(|e| panic!("write {}: {e}", conf.display()));
-        let output = std::fs::File::create(dir.join("stderr.log")).expect("create stderr.log");
-        let mut prefix = dir.clone().into_os_string();
+        let output =
+            std::fs::File::create(dir.path().join("stderr.log")).expect("create stderr.log");
+        let mut prefix = dir.path().as_os_str().to_owned();
         prefix.push("/");
         let child = Command::new("nginx")
             .arg("-p")
@@ -43,7 +46,7 @@ impl Nginx {
             .arg("-c")
             .arg(&conf)
             .arg("-e")
-            .arg(dir.join("error.log"))
+            .arg(dir.path().join("error.log"))
             .args(["-g", "daemon off;"])
             .stdin(Stdio::null())
             .stdout(output.try_clone().expect("dup stderr.log"))
@@ -103,7 +106,7 @@ impl Nginx {
 
     /// The prefix directory (nginx.conf, logs, temp paths).
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.dir.path()
     }
 
     /// The rendered nginx.conf this instance runs.
@@ -123,7 +126,7 @@ impl Nginx {
     }
 
     fn read(&self, name: &str) -> String {
-        std::fs::read(self.dir.join(name))
+        std::fs::read(self.dir.path().join(name))
             .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
             .unwrap_or_default()
     }
@@ -138,7 +141,6 @@ impl Drop for Nginx {
             }
             reap(&mut child, Duration::from_secs(10));
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -146,7 +148,7 @@ impl fmt::Debug for Nginx {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Nginx")
             .field("address", &self.address)
-            .field("dir", &self.dir)
+            .field("dir", &self.dir.path())
             .finish()
     }
 }

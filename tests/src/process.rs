@@ -3,10 +3,10 @@
 
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
 
 /// What to run when a binary is missing.
 pub const INSTALL_HINT: &str = "install them with `apt-get install -y memcached nginx` \
@@ -30,21 +30,16 @@ pub fn free_addr() -> String {
     format!("127.0.0.1:{}", free_port())
 }
 
-/// A fresh directory under the system temp dir, traversable by everyone.
-pub(crate) fn unique_dir(kind: &str) -> PathBuf {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let dir = std::env::temp_dir().join(format!(
-        "mcpage-{kind}-{}-{}-{nanos}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
-    // nginx workers started by root run as `nobody`: they must reach the temp paths.
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
-        .unwrap_or_else(|e| panic!("chmod {}: {e}", dir.display()));
+/// A fresh directory under the system temp dir (`mcpage-<kind>-XXXXXX`),
+/// removed on drop. It is made `0755`: nginx workers started by root run as
+/// `nobody` and must traverse it to reach the paths under it.
+pub fn temp_dir(kind: &str) -> TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("mcpage-{kind}-"))
+        .tempdir()
+        .unwrap_or_else(|e| panic!("create a temp dir for {kind}: {e}"));
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", dir.path().display()));
     dir
 }
 
@@ -87,28 +82,5 @@ pub(crate) fn reap(child: &mut Child, grace: Duration) {
             }
             Ok(None) => std::thread::sleep(POLL),
         }
-    }
-}
-
-/// A temporary directory under the system temp dir, traversable by nginx
-/// workers (which run as `nobody` when the tests run as root), removed on drop.
-#[derive(Debug)]
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    /// A fresh directory; `kind` goes into its name.
-    pub fn new(kind: &str) -> TempDir {
-        TempDir(unique_dir(kind))
-    }
-
-    /// Its path.
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }

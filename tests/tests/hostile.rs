@@ -807,15 +807,14 @@ fn load_config(dir: &std::path::Path, n: usize, text: &[u8]) -> Result<Config, S
     loaded
 }
 
-fn config_dir(test: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("mcpage-hostile-{test}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("config dir");
-    dir
+fn config_dir(test: &str) -> tempfile::TempDir {
+    mcpage_tests::temp_dir(&format!("hostile-{test}"))
 }
 
 #[test]
 fn config_errors_name_the_field() {
-    let dir = config_dir("named");
+    let temp = config_dir("named");
+    let dir = temp.path();
     // One bad value at a time: the error names the field.
     let long_prefix = format!("[keys]\nprefix = \"{}\"\n", "p".repeat(250));
     let long_namespace = format!("[cache]\nindex_namespace = \"{}\"\n", "n".repeat(212));
@@ -922,7 +921,8 @@ fn config_errors_name_the_field() {
 
 #[test]
 fn any_config_text_is_an_error_or_a_config_never_a_panic() {
-    let dir = config_dir("any");
+    let temp = config_dir("any");
+    let dir = temp.path();
     let mut hostile: Vec<Vec<u8>> = vec![
         format!("[cache]\ninclude = {}\n", "[".repeat(100_000)).into_bytes(),
         format!("a = {}1{}\n", "[".repeat(5_000), "]".repeat(5_000)).into_bytes(),

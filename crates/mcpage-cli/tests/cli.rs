@@ -11,7 +11,8 @@ use std::time::Instant;
 use mcpage::Config;
 use mcpage::config::ServerSpec;
 use mcpage::ring::Hashing;
-use mcpage_tests::{INSTALL_HINT, Memcached, Nginx, Stack, TempDir, free_addr};
+use mcpage_tests::{INSTALL_HINT, Memcached, Nginx, Stack, free_addr, temp_dir};
+use tempfile::TempDir;
 
 // ---------------------------------------------------------------------------
 // helpers
@@ -53,7 +54,7 @@ impl Run {
 /// Run `mcpage --config CONFIG ARGS...` (with `stdin` when given), in an empty
 /// working directory and without `MCPAGE_*` variables from the environment.
 fn mcpage(config: &Path, args: &[&str], stdin: Option<&[u8]>) -> Run {
-    let cwd = TempDir::new("cwd");
+    let cwd = temp_dir("cwd");
     let mut command = Command::new(env!("CARGO_BIN_EXE_mcpage"));
     command
         .arg("--config")
@@ -156,7 +157,7 @@ fn nginx_examples_are_current() {
 fn nginx_examples_pass_nginx_t() {
     let root = workspace_root();
     for name in EXAMPLES {
-        let dir = TempDir::new("nginx-t");
+        let dir = temp_dir("nginx-t");
         let toml = root.join(format!("nginx/{name}.toml"));
         let prefix_dir = dir.path().to_str().expect("utf-8 temp dir");
         let run = mcpage(
@@ -194,7 +195,7 @@ fn nginx_examples_pass_nginx_t() {
 
 #[test]
 fn nginx_full_needs_a_prefix_dir() {
-    let dir = TempDir::new("config");
+    let dir = temp_dir("config");
     let config = write_config(&dir, "mcpage.toml", &Config::default());
     let run = mcpage(&config, &["nginx", "--full"], None);
     assert_eq!(run.code, Some(2), "{}", run.both());
@@ -392,7 +393,7 @@ fn explain_agrees_with_the_reference_model() {
         .collect();
     config.keys.prefix = "pg:".into();
     config.cache.exclude = vec!["^/private/".into()];
-    let dir = TempDir::new("explain");
+    let dir = temp_dir("explain");
     let config_path = write_config(&dir, "mcpage.toml", &config);
 
     let mut rng = Rng(0x6d63_7061_6765);
@@ -518,7 +519,7 @@ fn explain_prints_aligned_fields_without_memcached() {
     let mut config = Config::default();
     config.keys.prefix = "page:".into();
     config.memcached.servers = vec![ServerSpec::new("127.0.0.1:1")];
-    let dir = TempDir::new("explain");
+    let dir = temp_dir("explain");
     let config_path = write_config(&dir, "mcpage.toml", &config);
     let run = mcpage(
         &config_path,
@@ -582,7 +583,7 @@ fn explain_prints_aligned_fields_without_memcached() {
 async fn invalidate_reports_what_it_removed() {
     let stack = Stack::builder().config(patient).start().await;
     let (memcached, cache) = (&stack.memcached()[0], stack.cache());
-    let dir = TempDir::new("invalidate");
+    let dir = temp_dir("invalidate");
     let config_path = write_config(&dir, "mcpage.toml", stack.config());
     for (target, tags) in [
         ("/a", &["t1"][..]),
@@ -678,7 +679,7 @@ async fn stats_reports_servers_index_evictions_and_outages() {
         .start()
         .await;
     let (pages, index, cache) = (&stack.memcached()[0], stack.index(), stack.cache());
-    let dir = TempDir::new("stats");
+    let dir = temp_dir("stats");
     let config_path = write_config(&dir, "mcpage.toml", stack.config());
     for n in 0..3 {
         cache
@@ -759,7 +760,7 @@ fn check_setup() -> (Memcached, Memcached, Config) {
 }
 
 fn check(config: &Config, nginx_address: &str) -> Run {
-    let dir = TempDir::new("check");
+    let dir = temp_dir("check");
     let path = write_config(&dir, "mcpage.toml", config);
     let url = format!("http://{nginx_address}");
     mcpage(&path, &["check", "--url", &url], None)

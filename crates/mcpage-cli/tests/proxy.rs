@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use mcpage_tests::{Response, Stack, TempDir, free_addr, free_port, get, request, wait_until};
+use mcpage_tests::{Response, Stack, free_addr, free_port, get, request, temp_dir, wait_until};
 use serde_json::{Value, json};
+use tempfile::TempDir;
 
 /// Longest wait for a process to come up or for a background write to land.
 const DEADLINE: Duration = Duration::from_secs(15);
@@ -347,7 +348,7 @@ struct Env {
 
 impl Env {
     async fn start(setup: Setup<'_>) -> Env {
-        let dir = TempDir::new("proxy");
+        let dir = temp_dir("proxy");
         let backend = (!setup.no_backend).then(|| Backend::start(dir.path(), 0));
         let upstream_port = match &backend {
             Some(backend) => backend
