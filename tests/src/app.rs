@@ -2,7 +2,8 @@
 
 use std::net::SocketAddr;
 
-/// An axum router served on a loopback port in a tokio task, stopped on drop.
+/// An axum router served on a loopback port in a tokio task, stopped on drop;
+/// started by [`StackBuilder::app`](crate::StackBuilder::app).
 #[derive(Debug)]
 pub struct App {
     address: SocketAddr,
@@ -10,21 +11,9 @@ pub struct App {
 }
 
 impl App {
-    /// Serve `router` on a free 127.0.0.1 port. Needs a tokio runtime.
-    pub async fn serve(router: axum::Router) -> App {
-        App::serve_on("127.0.0.1:0", router).await
-    }
-
-    /// Serve `router` on `address` (say a [`free_addr`](crate::free_addr) already in the config).
-    pub async fn serve_on(address: &str, router: axum::Router) -> App {
-        let listener = tokio::net::TcpListener::bind(address)
-            .await
-            .unwrap_or_else(|e| panic!("bind app on {address}: {e}"));
-        App::serve_listener(listener, router)
-    }
-
-    /// Serve `router` on a listener already bound. Needs a tokio runtime.
-    pub(crate) fn serve_listener(listener: tokio::net::TcpListener, router: axum::Router) -> App {
+    /// Serve `router` on a listener already bound (the [`Stack`](crate::Stack)
+    /// builder binds it before the config is final). Needs a tokio runtime.
+    pub(crate) fn serve(listener: tokio::net::TcpListener, router: axum::Router) -> App {
         let address = listener.local_addr().expect("app address");
         let task = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, router).await {

@@ -6,7 +6,8 @@
 //!   ([`Memcached::get_raw`] asks exactly as nginx does).
 //! - [`Nginx`]: nginx running [`mcpage::nginx::render_nginx_full`] in its own
 //!   temp directory.
-//! - [`App`]: an axum router served on a free port (nginx's `app`).
+//! - [`App`]: an axum router served on a free port (nginx's `app`), by the
+//!   [`Stack`] builder.
 //! - [`get`] / [`request`] / [`request_target`]: a raw HTTP/1.1 client that
 //!   sends the request target byte for byte, follows no redirect and adds no
 //!   `Accept-Encoding`.

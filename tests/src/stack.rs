@@ -127,7 +127,7 @@ impl<'a> StackBuilder<'a> {
         config.validate().expect("valid test config");
         let cache = Cache::connect(&config).await.expect("cache");
         let app = match (router, listener) {
-            (Some(router), Some(listener)) => Some(App::serve_listener(listener, router(&cache))),
+            (Some(router), Some(listener)) => Some(App::serve(listener, router(&cache))),
             _ => None,
         };
         let nginx = with_nginx.then(|| Nginx::start(&config));
