@@ -34,7 +34,7 @@ mod stack;
 mod wait;
 
 pub use app::App;
-pub use data::{XorShift, env_count, gzip, random_text};
+pub use data::{env_count, gzip, random_text};
 pub use http::{Response, get, request, request_target, try_request};
 pub use memcached::Memcached;
 pub use nginx::Nginx;

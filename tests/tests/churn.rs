@@ -15,7 +15,7 @@ use axum::Router;
 use axum::extract::OriginalUri;
 use axum::http::header;
 use mcpage::{Cache, CacheTags, PageCacheLayer};
-use mcpage_tests::{Memcached, Stack, XorShift, env_count};
+use mcpage_tests::{Memcached, Stack, env_count};
 use tower::ServiceExt;
 
 const URLS: u64 = 10_000;
@@ -109,7 +109,7 @@ async fn index_stays_bounded_under_churn() {
 
     let writes = writes();
     let sample_every = (writes / SAMPLES).max(1);
-    let mut rng = XorShift(0x2545_F491_4F6C_DD1D);
+    let mut rng = fastrand::Rng::with_seed(0x2545_F491_4F6C_DD1D);
     let mut largest_seen = 0usize;
     let mut invalidations = 0u64;
     let mut done = 0u64;
@@ -123,7 +123,7 @@ async fn index_stays_bounded_under_churn() {
         let n = CONCURRENCY.min(usize::try_from(writes - done).unwrap_or(CONCURRENCY));
         let calls: Vec<_> = (0..n)
             .map(|_| {
-                let path = format!("/churn/{}", rng.below(URLS));
+                let path = format!("/churn/{}", rng.u64(..URLS));
                 let request = axum::http::Request::get(path)
                     .body(axum::body::Body::empty())
                     .expect("request");
@@ -151,7 +151,7 @@ async fn index_stays_bounded_under_churn() {
         writing += batch_started.elapsed();
         if done >= next_invalidation {
             next_invalidation += INVALIDATE_EVERY;
-            let tag = format!("tag:{}", rng.below(TAGS));
+            let tag = format!("tag:{}", rng.u64(..TAGS));
             cache
                 .invalidator()
                 .invalidate_tags([tag])

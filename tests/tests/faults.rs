@@ -31,7 +31,7 @@ use axum::Router;
 use axum::extract::{OriginalUri, State};
 use axum::http::header;
 use mcpage::{Cache, CacheTags, PageCacheLayer};
-use mcpage_tests::{Memcached, Stack, XorShift, env_count, try_request};
+use mcpage_tests::{Memcached, Stack, env_count, try_request};
 use tokio::sync::Notify;
 
 /// Distinct pages; page `i` has tags `t{i % 10}` and `u{i % 7}`.
@@ -113,16 +113,17 @@ async fn load(
     halfway: Arc<Notify>,
 ) -> Load {
     let mut clients = tokio::task::JoinSet::new();
+    let mut seeds = fastrand::Rng::with_seed(seed);
     for client in 0..CLIENTS {
         let share = requests / CLIENTS + usize::from(client < requests % CLIENTS);
         let nginx = nginx.to_owned();
         let done = Arc::clone(&done);
         let halfway = Arc::clone(&halfway);
-        let mut rng = XorShift(seed ^ (0x9E37_79B9_7F4A_7C15_u64.wrapping_mul(client as u64 + 1)));
+        let mut rng = seeds.fork();
         clients.spawn(async move {
             let mut out = Load::default();
             for _ in 0..share {
-                let page = rng.below(PAGES);
+                let page = rng.u64(..PAGES);
                 let url = format!("http://{nginx}/p/{page}");
                 let started = Instant::now();
                 let result = try_request("GET", &url, &[], b"").await;
@@ -177,7 +178,7 @@ struct Run {
     confirmed: Vec<u64>,
     /// Tags whose invalidation returned Err and must be retried.
     pending: BTreeSet<usize>,
-    rng: XorShift,
+    rng: fastrand::Rng,
     requests_per_round: usize,
     // Figures.
     failed_requests: usize,
@@ -213,7 +214,7 @@ impl Run {
             data,
             confirmed: vec![0; TAGS],
             pending: BTreeSet::new(),
-            rng: XorShift(0xD1B5_4A32_D192_ED03),
+            rng: fastrand::Rng::with_seed(0xD1B5_4A32_D192_ED03),
             requests_per_round: (requests_per_phase() / ROUNDS).max(CLIENTS),
             failed_requests: 0,
             ok_invalidations: 0,
@@ -303,7 +304,7 @@ impl Run {
         for _ in 0..ROUNDS {
             let done = Arc::new(AtomicUsize::new(0));
             let halfway = Arc::new(Notify::new());
-            let slot = self.rng.below(TAGS as u64) as usize;
+            let slot = self.rng.usize(..TAGS);
             let writer = {
                 let cache = self.stack.cache().clone();
                 let data = self.data.clone();
@@ -313,7 +314,7 @@ impl Run {
                     Run::commit_and_invalidate(&cache, &data, slot).await
                 })
             };
-            let seed = self.rng.next_u64();
+            let seed = self.rng.u64(..);
             let result = load(
                 self.stack.nginx().address(),
                 self.requests_per_round,
@@ -341,7 +342,7 @@ impl Run {
             }
 
             // Quiescent: an invalidation that returns Ok leaves no page of its tag.
-            let slot = self.rng.below(TAGS as u64) as usize;
+            let slot = self.rng.usize(..TAGS);
             let (slot, version, outcome) =
                 Run::commit_and_invalidate(self.stack.cache(), &self.data, slot).await;
             self.record(slot, version, &outcome);

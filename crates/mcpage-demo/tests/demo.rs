@@ -449,13 +449,8 @@ async fn scripted_sessions_never_leak_a_user_page() {
     let mut urls = stack.demo.page_urls().await.expect("urls");
     urls.truncate(40);
     urls.push("/login".to_owned());
-    let mut rng: u64 = 0x2545_F491_4F6C_DD1D;
-    let mut next = move |n: usize| {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        (rng % n as u64) as usize
-    };
+    let mut rng = fastrand::Rng::with_seed(0x2545_F491_4F6C_DD1D);
+    let mut next = move |n: usize| rng.usize(..n);
 
     let mut sessions = Vec::new();
     let mut set_cookie_bodies = Vec::new();
