@@ -11,6 +11,9 @@ use crate::memcached::Memcached;
 use crate::nginx::Nginx;
 use crate::process::free_addr;
 
+/// A change to the config, from [`StackBuilder::config`].
+type ConfigChange<'a> = Box<dyn FnOnce(&mut Config) + 'a>;
+
 /// What nginx sends misses to.
 enum AppSpec<'a> {
     /// An axum router built on the stack's cache, served in process.
@@ -37,7 +40,7 @@ pub struct StackBuilder<'a> {
     page_servers: usize,
     memcached_args: Vec<String>,
     index_args: Option<Vec<String>>,
-    changes: Vec<Box<dyn FnOnce(&mut Config) + 'a>>,
+    changes: Vec<ConfigChange<'a>>,
     app: Option<AppSpec<'a>>,
 }
 

@@ -164,7 +164,7 @@ async fn index_stays_bounded_under_churn() {
             cache.settle().await;
             // One metadump: item sizes as memcached counts them (key and
             // header included), so at least the value sizes.
-            let largest = largest_index_item(&cache).await;
+            let largest = largest_index_item(cache).await;
             largest_seen = largest_seen.max(largest);
             assert!(
                 largest <= max_item,
@@ -176,12 +176,12 @@ async fn index_stays_bounded_under_churn() {
     let write_rate = writes as f64 / writing.as_secs_f64();
 
     // Exact value sizes at the end, and item sizes as memcached counts them.
-    let (items, largest_value, total) = index_items(&index);
+    let (items, largest_value, total) = index_items(index);
     let usage = cache.index_usage().await;
     let (_, usage) = usage.first().expect("one index server");
     let usage = usage.as_ref().expect("index usage");
     largest_seen = largest_seen.max(usize::try_from(usage.largest).unwrap_or(usize::MAX));
-    let evictions = stat(&index, "evictions");
+    let evictions = stat(index, "evictions");
     let stats = cache.stats();
     println!(
         "churn: {writes} writes over {URLS} URLs and {TAGS} tags (1-5 per page) in {:.1?}, \
@@ -217,7 +217,7 @@ async fn index_stays_bounded_under_churn() {
         .into_iter()
         .filter(|k| k.starts_with(b"/churn/"))
         .collect();
-    let (items_after, _, _) = index_items(&index);
+    let (items_after, _, _) = index_items(index);
     println!(
         "churn: invalidating all {TAGS} tags removed {} pages in {elapsed:.1?}; \
          pages left: {}, index items left: {items_after}",
@@ -233,5 +233,5 @@ async fn index_stays_bounded_under_churn() {
             .map(|k| String::from_utf8_lossy(k).into_owned())
     );
     assert_eq!(items_after, 0, "the index was cleared");
-    assert_eq!(stat(&index, "evictions"), 0);
+    assert_eq!(stat(index, "evictions"), 0);
 }

@@ -568,8 +568,8 @@ async fn index_stays_bounded() {
 
     // One URL rendered 10,000 times keeps its index item small.
     let started = std::time::Instant::now();
-    render_through_layer(&cache, (0..10_000).map(|_| "/same".to_owned()), 32).await;
-    let sizes = index_item_sizes(&memcached);
+    render_through_layer(cache, (0..10_000).map(|_| "/same".to_owned()), 32).await;
+    let sizes = index_item_sizes(memcached);
     assert_eq!(sizes.len(), 1, "one shard holds the one page");
     let (_, size) = &sizes[0];
     println!(
@@ -580,8 +580,8 @@ async fn index_stays_bounded() {
     assert!(*size <= 2 * 4096, "index grew to {size} bytes");
 
     // A tag with 50,000 pages never nears the 1 MiB item limit.
-    render_through_layer(&cache, (0..50_000).map(|i| format!("/big/{i}")), 64).await;
-    let sizes = index_item_sizes(&memcached);
+    render_through_layer(cache, (0..50_000).map(|i| format!("/big/{i}")), 64).await;
+    let sizes = index_item_sizes(memcached);
     let largest = sizes.iter().map(|(_, s)| *s).max().unwrap_or(0);
     let total: usize = sizes.iter().map(|(_, s)| *s).sum();
     println!(
@@ -606,7 +606,7 @@ async fn index_stays_bounded() {
     println!("invalidated {} pages in {elapsed:?}", removed.pages);
     assert_eq!(removed.pages, 50_001);
     assert!(
-        index_item_sizes(&memcached).is_empty(),
+        index_item_sizes(memcached).is_empty(),
         "the index was cleared"
     );
 }
@@ -707,7 +707,7 @@ async fn concurrent_misses_for_one_key_render_once() {
     let stack = Stack::builder().start().await;
     let cache = stack.cache();
     let site = Site::default();
-    let router = site_router(&site, &cache);
+    let router = site_router(&site, cache);
     // The leader reads the clock and enters the handler, which waits for `release`.
     let mut leader = call(&router, "/race/flight");
     until_in_handler(&site, &mut leader).await;
@@ -735,7 +735,7 @@ async fn a_follower_never_gets_a_render_older_than_an_invalidation() {
     let stack = Stack::builder().start().await;
     let cache = stack.cache();
     let site = Site::default();
-    let router = site_router(&site, &cache);
+    let router = site_router(&site, cache);
     // The leader read the clock and is rendering from data about to change...
     let mut leader = call(&router, "/race/stale");
     until_in_handler(&site, &mut leader).await;
@@ -779,7 +779,7 @@ async fn a_request_while_the_page_is_being_stored_shares_the_render() {
         .await;
     let (pages, cache) = (&stack.memcached()[0], stack.cache());
     let site = Site::default();
-    let router = site_router(&site, &cache);
+    let router = site_router(&site, cache);
 
     pages.pause();
     let first = body_of(call(&router, "/written")).await;

@@ -407,7 +407,7 @@ fn any_tag_string_indexes_and_invalidates() {
     let stack = rt.block_on(stack(|_| {}).start());
     let (memcached, cache) = (&stack.memcached()[0], stack.cache());
     let tagged = Tagged::default();
-    let router = tagged_router(&cache, &tagged);
+    let router = tagged_router(cache, &tagged);
     let tag = prop_oneof![
         3 => proptest::string::string_regex("(?s).{1,40}").expect("regex"),
         1 => "[a-z]{0,5}(\r\n|\n|\r|\t| |\0|,|;|%)[a-z]{0,5}",
@@ -474,7 +474,7 @@ fn oversized_tag_sets_are_served_not_cached() {
     let stack = rt.block_on(stack(|_| {}).start());
     let (memcached, cache) = (&stack.memcached()[0], stack.cache());
     let tagged = Tagged::default();
-    let router = tagged_router(&cache, &tagged);
+    let router = tagged_router(cache, &tagged);
     let many: Vec<String> = (0..10_000).map(|i| format!("tag:{i}")).collect();
     let huge = "x".repeat(1 << 20);
     let at_limit: Vec<String> = (0..128)
@@ -539,7 +539,7 @@ fn any_x_cache_tags_header_is_removed_and_never_fails_the_page() {
     let stack = rt.block_on(stack(|_| {}).start());
     let (memcached, cache) = (&stack.memcached()[0], stack.cache());
     let tagged = Tagged::default();
-    let router = tagged_router(&cache, &tagged);
+    let router = tagged_router(cache, &tagged);
     let n = Count::default();
     let (misses, bypasses) = (Count::default(), Count::default());
     let value = prop_oneof![
@@ -871,7 +871,7 @@ fn config_errors_name_the_field() {
         ("[nonsense]\nx = 1\n", "nonsense"),
     ];
     for (n, (text, field)) in fixed.iter().enumerate() {
-        let error = load_config(&dir, n, text.as_bytes()).expect_err(&format!("accepted {text:?}"));
+        let error = load_config(dir, n, text.as_bytes()).expect_err(&format!("accepted {text:?}"));
         assert!(
             error.contains(field),
             "{text:?}: error {error:?} does not name `{field}`"
@@ -880,7 +880,7 @@ fn config_errors_name_the_field() {
 
     // The longest accepted prefix and namespace still give valid keys.
     let config = load_config(
-        &dir,
+        dir,
         999,
         format!(
             "[keys]\nprefix = \"{}\"\n[cache]\nindex_namespace = \"{}\"\n",
@@ -899,7 +899,7 @@ fn config_errors_name_the_field() {
     let n = Count(Cell::new(fixed.len()));
     runner(total)
         .run(&config_doc(), |(text, fields)| {
-            if let Err(error) = load_config(&dir, n.bump(), text.as_bytes()) {
+            if let Err(error) = load_config(dir, n.bump(), text.as_bytes()) {
                 refused.bump();
                 // `keys.host = true` without allowed hosts names cache.allowed_hosts.
                 let named = fields.iter().any(|(dotted, leaf)| {
@@ -910,7 +910,7 @@ fn config_errors_name_the_field() {
             Ok(())
         })
         .unwrap_or_else(|e| panic!("{e}"));
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
     println!(
         "hostile: {} fixed bad values each named their field; {total} generated configs, \
          {} refused, each naming a field it set",
@@ -947,10 +947,10 @@ fn any_config_text_is_an_error_or_a_config_never_a_panic() {
         b"[cache]\nmax_body_bytes = 18446744073709551615\n".to_vec(),
         b"[nginx]\nbuffer_size = \"99999999999999999999999k\"\n".to_vec(),
     ];
-    let accepted_prefix = load_config(&dir, 0, &hostile[2]).is_ok();
-    let accepted_namespace = load_config(&dir, 0, &hostile[3]).is_ok();
+    let accepted_prefix = load_config(dir, 0, &hostile[2]).is_ok();
+    let accepted_namespace = load_config(dir, 0, &hostile[3]).is_ok();
     for (n, text) in hostile.drain(..).enumerate() {
-        let _ = load_config(&dir, n, &text);
+        let _ = load_config(dir, n, &text);
     }
     let line = prop_oneof![
         3 => (prop::sample::select(known_fields()), toml_value())
@@ -963,13 +963,13 @@ fn any_config_text_is_an_error_or_a_config_never_a_panic() {
     let n = Count(Cell::new(100));
     runner(total)
         .run(&prop::collection::vec(line, 0..5), |lines| {
-            if load_config(&dir, n.bump(), lines.join("\n").as_bytes()).is_ok() {
+            if load_config(dir, n.bump(), lines.join("\n").as_bytes()).is_ok() {
                 ok.bump();
             }
             Ok(())
         })
         .unwrap_or_else(|e| panic!("{e}"));
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
     println!(
         "hostile: 14 hostile config files (100,000 nested arrays, a 1 MB prefix, a huge regex, ...) \
          and {total} generated ones: no panic, {} accepted; a 1 MB keys.prefix is {}, \
