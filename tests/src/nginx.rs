@@ -120,7 +120,7 @@ impl Nginx {
     }
 
     /// The access log so far (format `mcpage`); lines appear when a response
-    /// is finished, so poll with [`wait_until`].
+    /// is finished, so poll with [`wait_until`](crate::wait_until).
     pub fn access_log(&self) -> String {
         self.read("access.log")
     }
