@@ -110,29 +110,26 @@ impl<'a> StackBuilder<'a> {
             config.nginx.listen = free_addr();
         }
         // The app's port is taken now, so the config the cache sees is final.
-        let (router, listener) = match self.app {
-            Some(AppSpec::Router(router)) => {
+        let in_process = match self.app {
+            Some(AppSpec::Router(build)) => {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                     .await
                     .expect("bind the app on 127.0.0.1:0");
                 config.nginx.app = listener.local_addr().expect("app address").to_string();
-                (Some(router), Some(listener))
+                Some((build, listener))
             }
             Some(AppSpec::At(address)) => {
                 config.nginx.app = address;
-                (None, None)
+                None
             }
-            None => (None, None),
+            None => None,
         };
         for change in self.changes {
             change(&mut config);
         }
         config.validate().expect("valid test config");
         let cache = Cache::connect(&config).await.expect("cache");
-        let app = match (router, listener) {
-            (Some(router), Some(listener)) => Some(App::serve(listener, router(&cache))),
-            _ => None,
-        };
+        let app = in_process.map(|(build, listener)| App::serve(listener, build(&cache)));
         let nginx = with_nginx.then(|| Nginx::start(&config));
         Stack {
             nginx,
