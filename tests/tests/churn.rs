@@ -14,9 +14,8 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::extract::OriginalUri;
 use axum::http::header;
-use mcpage::ServerSpec;
-use mcpage::{Cache, CacheTags, Config, PageCacheLayer};
-use mcpage_tests::{Memcached, XorShift, env_count};
+use mcpage::{Cache, CacheTags, PageCacheLayer};
+use mcpage_tests::{Memcached, Stack, env_count};
 use tower::ServiceExt;
 
 const URLS: u64 = 10_000;
@@ -90,14 +89,13 @@ async fn index_stays_bounded_under_churn() {
         .with_env_filter("mcpage=warn")
         .with_test_writer()
         .try_init();
-    let pages = Memcached::start();
-    let index = Memcached::start_with(&["-M", "-m", "64"]);
-    let mut config = Config::default();
-    config.memcached.servers = vec![ServerSpec::new(pages.address())];
-    config.memcached.index_servers = vec![ServerSpec::new(index.address())];
-    config.memcached.timeout_ms = 2_000;
-    let cache = Cache::connect(&config).await.expect("cache");
-    let max_item = config.cache.index_shard_max_bytes;
+    let stack = Stack::builder()
+        .index_server(&["-M", "-m", "64"])
+        .config(|c| c.memcached.timeout_ms = 2_000)
+        .start()
+        .await;
+    let (pages, index, cache) = (&stack.memcached()[0], stack.index(), stack.cache());
+    let max_item = stack.config().cache.index_shard_max_bytes;
 
     let router = Router::new()
         .fallback(|OriginalUri(uri): OriginalUri| async move {
@@ -111,7 +109,7 @@ async fn index_stays_bounded_under_churn() {
 
     let writes = writes();
     let sample_every = (writes / SAMPLES).max(1);
-    let mut rng = XorShift(0x2545_F491_4F6C_DD1D);
+    let mut rng = fastrand::Rng::with_seed(0x2545_F491_4F6C_DD1D);
     let mut largest_seen = 0usize;
     let mut invalidations = 0u64;
     let mut done = 0u64;
@@ -125,7 +123,7 @@ async fn index_stays_bounded_under_churn() {
         let n = CONCURRENCY.min(usize::try_from(writes - done).unwrap_or(CONCURRENCY));
         let calls: Vec<_> = (0..n)
             .map(|_| {
-                let path = format!("/churn/{}", rng.below(URLS));
+                let path = format!("/churn/{}", rng.u64(..URLS));
                 let request = axum::http::Request::get(path)
                     .body(axum::body::Body::empty())
                     .expect("request");
@@ -153,7 +151,7 @@ async fn index_stays_bounded_under_churn() {
         writing += batch_started.elapsed();
         if done >= next_invalidation {
             next_invalidation += INVALIDATE_EVERY;
-            let tag = format!("tag:{}", rng.below(TAGS));
+            let tag = format!("tag:{}", rng.u64(..TAGS));
             cache
                 .invalidator()
                 .invalidate_tags([tag])
@@ -166,7 +164,7 @@ async fn index_stays_bounded_under_churn() {
             cache.wait_for_writes().await;
             // One metadump: item sizes as memcached counts them (key and
             // header included), so at least the value sizes.
-            let largest = largest_index_item(&cache).await;
+            let largest = largest_index_item(cache).await;
             largest_seen = largest_seen.max(largest);
             assert!(
                 largest <= max_item,
@@ -178,12 +176,12 @@ async fn index_stays_bounded_under_churn() {
     let write_rate = writes as f64 / writing.as_secs_f64();
 
     // Exact value sizes at the end, and item sizes as memcached counts them.
-    let (items, largest_value, total) = index_items(&index);
+    let (items, largest_value, total) = index_items(index);
     let usage = cache.index_usage().await;
     let usage = &usage.first().expect("one index server").result;
     let usage = usage.as_ref().expect("index usage");
     largest_seen = largest_seen.max(usize::try_from(usage.largest).unwrap_or(usize::MAX));
-    let evictions = stat(&index, "evictions");
+    let evictions = stat(index, "evictions");
     let stats = cache.stats();
     println!(
         "churn: {writes} writes over {URLS} URLs and {TAGS} tags (1-5 per page) in {:.1?}, \
@@ -219,7 +217,7 @@ async fn index_stays_bounded_under_churn() {
         .into_iter()
         .filter(|k| k.starts_with(b"/churn/"))
         .collect();
-    let (items_after, _, _) = index_items(&index);
+    let (items_after, _, _) = index_items(index);
     println!(
         "churn: invalidating all {TAGS} tags removed {} pages in {elapsed:.1?}; \
          pages left: {}, index items left: {items_after}",
@@ -235,5 +233,5 @@ async fn index_stays_bounded_under_churn() {
             .map(|k| String::from_utf8_lossy(k).into_owned())
     );
     assert_eq!(items_after, 0, "the index was cleared");
-    assert_eq!(stat(&index, "evictions"), 0);
+    assert_eq!(stat(index, "evictions"), 0);
 }

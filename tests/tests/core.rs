@@ -11,7 +11,7 @@ use axum::extract::{OriginalUri, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use mcpage::{Cache, CacheTags, Config, PageCacheLayer};
-use mcpage_tests::{App, Memcached, Nginx, free_addr, get};
+use mcpage_tests::{Memcached, Stack, get};
 use tokio::sync::Notify;
 
 /// What the app renders, and how often it was asked.
@@ -91,57 +91,20 @@ async fn page(State(site): State<Site>, OriginalUri(uri): OriginalUri) -> Respon
     }
 }
 
-struct Stack {
-    memcached: Vec<Memcached>,
-    nginx: Nginx,
-    _app: App,
-    cache: Cache,
-    site: Site,
-}
-
-impl Stack {
-    async fn start(servers: usize, tweak: impl FnOnce(&mut Config)) -> Stack {
-        let memcached: Vec<Memcached> = (0..servers).map(|_| Memcached::start()).collect();
-        let mut config = Config::default();
-        config.memcached.servers = memcached
-            .iter()
-            .map(|m| mcpage::ServerSpec::new(m.address()))
-            .collect();
-        config.cache.exclude = vec!["^/excluded".to_owned()];
-        config.memcached.timeout_ms = 500;
-        tweak(&mut config);
-        let site = Site::default();
-        let cache = Cache::connect(&config).await.expect("cache");
-        let router = Router::new()
-            .fallback(page)
-            .with_state(site.clone())
-            .layer(PageCacheLayer::new(cache.clone()));
-        let app = App::serve(router).await;
-        config.nginx.app = app.address();
-        config.nginx.listen = free_addr();
-        let nginx = Nginx::start(&config);
-        Stack {
-            memcached,
-            nginx,
-            _app: app,
-            cache,
-            site,
-        }
-    }
-
-    async fn fetch(&self, target: &str, headers: &[(&str, &str)]) -> mcpage_tests::Response {
-        get(&self.nginx.url(target), headers).await
-    }
-
-    /// Is the page for `target` in memcached, on any server?
-    fn stored(&self, target: &str) -> bool {
-        let key = self
-            .cache
-            .page_key(None, target.as_bytes())
-            .expect("cacheable target")
-            .escaped;
-        self.memcached.iter().any(|m| m.get_raw(&key).is_some())
-    }
+/// The site behind the layer on `servers` memcached, nginx in front.
+async fn start(servers: usize, tweak: impl FnOnce(&mut Config)) -> (Stack, Site) {
+    let site = Site::default();
+    let stack = Stack::builder()
+        .page_servers(servers)
+        .config(|c| {
+            c.cache.exclude = vec!["^/excluded".to_owned()];
+            c.memcached.timeout_ms = 500;
+        })
+        .config(tweak)
+        .app(|cache| site_router(&site, cache))
+        .start()
+        .await;
+    (stack, site)
 }
 
 fn x_cache(response: &mcpage_tests::Response) -> &str {
@@ -154,11 +117,11 @@ fn x_cache(response: &mcpage_tests::Response) -> &str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn miss_is_rendered_stored_then_served_by_nginx_alone() {
-    let stack = Stack::start(1, |_| {}).await;
+    let (stack, site) = start(1, |_| {}).await;
     let first = stack.fetch("/articles/1", &[]).await;
     assert_eq!(first.status, 200);
     assert_eq!(x_cache(&first), "MISS");
-    stack.cache.wait_for_writes().await;
+    stack.cache().wait_for_writes().await;
     assert!(stack.stored("/articles/1"));
 
     let second = stack.fetch("/articles/1", &[]).await;
@@ -173,7 +136,7 @@ async fn miss_is_rendered_stored_then_served_by_nginx_alone() {
         Some("text/html; charset=utf-8")
     );
     assert_eq!(
-        stack.site.renders_of("/articles/1"),
+        site.renders_of("/articles/1"),
         1,
         "the app never saw the hit"
     );
@@ -223,7 +186,7 @@ fn tricky_targets() -> Vec<String> {
 }
 
 async fn every_stored_page_is_a_hit(hashing: mcpage::ring::Hashing) {
-    let stack = Stack::start(3, |c| c.memcached.hashing = hashing).await;
+    let (stack, site) = start(3, |c| c.memcached.hashing = hashing).await;
     // Keep one target per key, so each body names the target that stored it.
     let mut seen = std::collections::HashSet::new();
     let targets: Vec<String> = tricky_targets()
@@ -231,7 +194,7 @@ async fn every_stored_page_is_a_hit(hashing: mcpage::ring::Hashing) {
         .filter(|t| {
             seen.insert(
                 stack
-                    .cache
+                    .cache()
                     .page_key(None, t.as_bytes())
                     .expect("cacheable")
                     .escaped,
@@ -244,8 +207,8 @@ async fn every_stored_page_is_a_hit(hashing: mcpage::ring::Hashing) {
         assert_eq!(response.status, 200, "{target}");
         assert_eq!(x_cache(&response), "MISS", "{target}");
     }
-    stack.cache.wait_for_writes().await;
-    assert_eq!(stack.cache.stats().stores as usize, targets.len());
+    stack.cache().wait_for_writes().await;
+    assert_eq!(stack.cache().stats().stores as usize, targets.len());
     for target in &targets {
         let response = stack.fetch(target, &[]).await;
         assert_eq!(
@@ -259,7 +222,7 @@ async fn every_stored_page_is_a_hit(hashing: mcpage::ring::Hashing) {
             "{target}"
         );
     }
-    for m in &stack.memcached {
+    for m in stack.memcached() {
         let items: usize = m
             .stats()
             .get("curr_items")
@@ -272,7 +235,7 @@ async fn every_stored_page_is_a_hit(hashing: mcpage::ring::Hashing) {
         );
     }
     assert_eq!(
-        stack.site.total.load(Ordering::SeqCst),
+        site.total.load(Ordering::SeqCst),
         targets.len(),
         "hits never reached the app"
     );
@@ -290,13 +253,13 @@ async fn every_stored_page_is_a_hit(hashing: mcpage::ring::Hashing) {
         }
     }
     stack.fetch(&exactly_250, &[]).await;
-    stack.cache.wait_for_writes().await;
-    assert!(stack.stored(&exactly_250), "{:?}", stack.cache.stats());
+    stack.cache().wait_for_writes().await;
+    assert!(stack.stored(&exactly_250), "{:?}", stack.cache().stats());
     assert_eq!(
         x_cache(&stack.fetch(&exactly_250, &[]).await),
         "HIT",
         "{}",
-        stack.nginx.error_log()
+        stack.nginx().error_log()
     );
 }
 
@@ -312,13 +275,13 @@ async fn modulo_hash_matches_nginx_for_500_urls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalidating_a_tag_removes_exactly_its_pages_on_all_servers() {
-    let stack = Stack::start(3, |_| {}).await;
+    let (stack, site) = start(3, |_| {}).await;
     for i in 0..60 {
         stack.fetch(&format!("/tagged/comments/{i}"), &[]).await;
         stack.fetch(&format!("/tagged/other/{i}"), &[]).await;
     }
     stack.fetch("/header-tags/comments/h", &[]).await;
-    stack.cache.wait_for_writes().await;
+    stack.cache().wait_for_writes().await;
     assert_eq!(
         x_cache(&stack.fetch("/tagged/comments/0", &[]).await),
         "HIT"
@@ -334,7 +297,7 @@ async fn invalidating_a_tag_removes_exactly_its_pages_on_all_servers() {
     );
 
     let removed = stack
-        .cache
+        .cache()
         .invalidator()
         .invalidate_tags(["comments"])
         .await
@@ -355,11 +318,11 @@ async fn invalidating_a_tag_removes_exactly_its_pages_on_all_servers() {
         x_cache(&stack.fetch("/tagged/comments/7", &[]).await),
         "HIT"
     );
-    assert_eq!(stack.site.renders_of("/tagged/comments/7"), 2);
+    assert_eq!(site.renders_of("/tagged/comments/7"), 2);
     // The index was cleared: invalidating again removes only what was re-rendered.
-    stack.cache.wait_for_writes().await;
+    stack.cache().wait_for_writes().await;
     let again = stack
-        .cache
+        .cache()
         .invalidator()
         .invalidate_tags(["comments"])
         .await
@@ -367,7 +330,7 @@ async fn invalidating_a_tag_removes_exactly_its_pages_on_all_servers() {
     assert_eq!(again.pages, 1);
     // URLs as a user writes them map through the key contract.
     let removed = stack
-        .cache
+        .cache()
         .invalidator()
         .invalidate_urls(["/tagged//other/./3"])
         .await
@@ -378,10 +341,10 @@ async fn invalidating_a_tag_removes_exactly_its_pages_on_all_servers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_anonymous_cacheable_responses_are_stored() {
-    let stack = Stack::start(2, |_| {}).await;
+    let (stack, _) = start(2, |_| {}).await;
     // A page in the cache must not be served to logged-in users.
     stack.fetch("/shared", &[]).await;
-    stack.cache.wait_for_writes().await;
+    stack.cache().wait_for_writes().await;
     assert_eq!(x_cache(&stack.fetch("/shared", &[]).await), "HIT");
     for headers in [
         &[("cookie", "sessionid=s3cr3t")][..],
@@ -399,7 +362,7 @@ async fn only_anonymous_cacheable_responses_are_stored() {
     stack
         .fetch("/analytics", &[("cookie", "_ga=GA1.2.3; xsessionid=1")])
         .await;
-    stack.cache.wait_for_writes().await;
+    stack.cache().wait_for_writes().await;
     assert!(stack.stored("/analytics"));
 
     let never: [(&str, &[(&str, &str)]); 9] = [
@@ -424,48 +387,48 @@ async fn only_anonymous_cacheable_responses_are_stored() {
             assert_ne!(x_cache(&response), "HIT", "{target}");
         }
     }
-    stack.cache.wait_for_writes().await;
+    stack.cache().wait_for_writes().await;
     for (target, _) in never {
         assert!(!stack.stored(target), "{target} was stored");
     }
-    assert_eq!(stack.cache.stats().stores, 2);
+    assert_eq!(stack.cache().stats().stores, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_render_that_overlaps_an_invalidation_is_not_kept() {
-    let stack = Stack::start(2, |_| {}).await;
+    let (stack, site) = start(2, |_| {}).await;
     for (round, invalidate) in [(0, true), (1, false)] {
         let target = format!("/race/{round}");
-        let url = stack.nginx.url(&target);
-        let started = stack.site.started.notified();
+        let url = stack.nginx().url(&target);
+        let started = site.started.notified();
         let request = tokio::spawn(async move { get(&url, &[]).await });
         // The handler is running: the clock was read before it started.
         started.await;
         if invalidate {
             let removed = stack
-                .cache
+                .cache()
                 .invalidator()
                 .invalidate_tags(["race"])
                 .await
                 .expect("invalidate");
             assert_eq!(removed.pages, 0, "nothing was registered yet");
         }
-        stack.site.release.notify_one();
+        site.release.notify_one();
         let response = request.await.expect("request task");
         assert_eq!(response.status, 200);
-        stack.cache.wait_for_writes().await;
+        stack.cache().wait_for_writes().await;
         assert_eq!(stack.stored(&target), !invalidate, "{target}");
     }
-    assert_eq!(stack.cache.stats().retracted, 1);
-    assert_eq!(stack.cache.stats().stores, 1);
+    assert_eq!(stack.cache().stats().retracted, 1);
+    assert_eq!(stack.cache().stats().stores, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memcached_down_fails_open_and_invalidation_reports_it() {
-    let mut stack = Stack::start(2, |c| c.memcached.timeout_ms = 200).await;
+    let (stack, _) = start(2, |c| c.memcached.timeout_ms = 200).await;
     stack.fetch("/before", &[]).await;
-    stack.cache.wait_for_writes().await;
-    for m in &mut stack.memcached {
+    stack.cache().wait_for_writes().await;
+    for m in stack.memcached() {
         m.stop();
     }
     for i in 0..20 {
@@ -483,7 +446,7 @@ async fn memcached_down_fails_open_and_invalidation_reports_it() {
     assert_eq!(response.status, 200);
     assert_ne!(x_cache(&response), "HIT");
     let error = stack
-        .cache
+        .cache()
         .invalidator()
         .invalidate_tags(["comments"])
         .await
@@ -491,23 +454,23 @@ async fn memcached_down_fails_open_and_invalidation_reports_it() {
     assert!(error.to_string().contains("memcached"), "{error}");
     assert!(
         stack
-            .cache
+            .cache()
             .invalidator()
             .invalidate_urls(["/before"])
             .await
             .is_err()
     );
     assert!(
-        stack.cache.stats().servers.iter().any(|s| s.breaker_open),
+        stack.cache().stats().servers.iter().any(|s| s.breaker_open),
         "the breaker opened"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gzip_pages_are_served_compressed_by_nginx() {
-    let stack = Stack::start(1, |c| c.cache.gzip = true).await;
+    let (stack, _) = start(1, |c| c.cache.gzip = true).await;
     let page = stack.fetch("/zipped", &[]).await;
-    stack.cache.wait_for_writes().await;
+    stack.cache().wait_for_writes().await;
     let hit = stack.fetch("/zipped", &[("accept-encoding", "gzip")]).await;
     assert_eq!(x_cache(&hit), "HIT");
     assert_eq!(
@@ -596,16 +559,17 @@ async fn index_stays_bounded() {
         .with_env_filter("mcpage=warn")
         .with_test_writer()
         .try_init();
-    let memcached = Memcached::start_with(&["-m", "256"]);
-    let mut config = Config::default();
-    config.memcached.servers = vec![mcpage::ServerSpec::new(memcached.address())];
-    config.memcached.timeout_ms = 1000;
-    let cache = Cache::connect(&config).await.expect("cache");
+    let stack = Stack::builder()
+        .memcached_args(&["-m", "256"])
+        .config(|c| c.memcached.timeout_ms = 1000)
+        .start()
+        .await;
+    let (memcached, cache, config) = (&stack.memcached()[0], stack.cache(), stack.config());
 
     // One URL rendered 10,000 times keeps its index item small.
     let started = std::time::Instant::now();
-    render_through_layer(&cache, (0..10_000).map(|_| "/same".to_owned()), 32).await;
-    let sizes = index_item_sizes(&memcached);
+    render_through_layer(cache, (0..10_000).map(|_| "/same".to_owned()), 32).await;
+    let sizes = index_item_sizes(memcached);
     assert_eq!(sizes.len(), 1, "one shard holds the one page");
     let (_, size) = &sizes[0];
     println!(
@@ -616,8 +580,8 @@ async fn index_stays_bounded() {
     assert!(*size <= 2 * 4096, "index grew to {size} bytes");
 
     // A tag with 50,000 pages never nears the 1 MiB item limit.
-    render_through_layer(&cache, (0..50_000).map(|i| format!("/big/{i}")), 64).await;
-    let sizes = index_item_sizes(&memcached);
+    render_through_layer(cache, (0..50_000).map(|i| format!("/big/{i}")), 64).await;
+    let sizes = index_item_sizes(memcached);
     let largest = sizes.iter().map(|(_, s)| *s).max().unwrap_or(0);
     let total: usize = sizes.iter().map(|(_, s)| *s).sum();
     println!(
@@ -642,14 +606,14 @@ async fn index_stays_bounded() {
     println!("invalidated {} pages in {elapsed:?}", removed.pages);
     assert_eq!(removed.pages, 50_001);
     assert!(
-        index_item_sizes(&memcached).is_empty(),
+        index_item_sizes(memcached).is_empty(),
         "the index was cleared"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_over_the_size_limit_are_served_whole_and_not_stored() {
-    let stack = Stack::start(1, |c| c.cache.max_body_bytes = 100_000).await;
+    let (stack, _) = start(1, |c| c.cache.max_body_bytes = 100_000).await;
     for target in ["/big/250000/x", "/big/100001/x"] {
         for _ in 0..2 {
             let response = stack.fetch(target, &[]).await;
@@ -666,14 +630,14 @@ async fn pages_over_the_size_limit_are_served_whole_and_not_stored() {
         }
     }
     stack.fetch("/big/100000/x", &[]).await;
-    stack.cache.wait_for_writes().await;
+    stack.cache().wait_for_writes().await;
     assert!(!stack.stored("/big/250000/x"));
     assert!(stack.stored("/big/100000/x"), "exactly the limit is stored");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gzip_counts_the_compressed_size() {
-    let stack = Stack::start(1, |c| {
+    let (stack, _) = start(1, |c| {
         c.cache.max_body_bytes = 100_000;
         c.cache.gzip = true;
     })
@@ -682,11 +646,11 @@ async fn gzip_counts_the_compressed_size() {
     let compressible = stack.fetch("/big/400000/x", &[]).await;
     let random = stack.fetch("/big/400000/random", &[]).await;
     assert_eq!(random.body.len(), 400_000);
-    stack.cache.wait_for_writes().await;
+    stack.cache().wait_for_writes().await;
     assert!(stack.stored("/big/400000/x"));
     assert!(!stack.stored("/big/400000/random"));
     assert_eq!(
-        stack.cache.stats().store_errors,
+        stack.cache().stats().store_errors,
         1,
         "the oversized gzip body was refused, not stored"
     );
@@ -730,15 +694,6 @@ async fn body_of(call: Call) -> axum::body::Bytes {
         .expect("body")
 }
 
-/// A cache on one fresh memcached (pages and index), with the default config.
-async fn cache_on_one_memcached() -> (Memcached, Cache) {
-    let memcached = Memcached::start();
-    let mut config = Config::default();
-    config.memcached.servers = vec![mcpage::ServerSpec::new(memcached.address())];
-    let cache = Cache::connect(&config).await.expect("cache");
-    (memcached, cache)
-}
-
 fn site_router(site: &Site, cache: &Cache) -> Router {
     Router::new()
         .fallback(page)
@@ -748,9 +703,11 @@ fn site_router(site: &Site, cache: &Cache) -> Router {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_misses_for_one_key_render_once() {
-    let (_memcached, cache) = cache_on_one_memcached().await;
+    // A cache on one fresh memcached (pages and index), with the default config.
+    let stack = Stack::builder().start().await;
+    let cache = stack.cache();
     let site = Site::default();
-    let router = site_router(&site, &cache);
+    let router = site_router(&site, cache);
     // The leader reads the clock and enters the handler, which waits for `release`.
     let mut leader = call(&router, "/race/flight");
     until_in_handler(&site, &mut leader).await;
@@ -774,9 +731,11 @@ async fn concurrent_misses_for_one_key_render_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_never_gets_a_render_older_than_an_invalidation() {
-    let (_memcached, cache) = cache_on_one_memcached().await;
+    // A cache on one fresh memcached (pages and index), with the default config.
+    let stack = Stack::builder().start().await;
+    let cache = stack.cache();
     let site = Site::default();
-    let router = site_router(&site, &cache);
+    let router = site_router(&site, cache);
     // The leader read the clock and is rendering from data about to change...
     let mut leader = call(&router, "/race/stale");
     until_in_handler(&site, &mut leader).await;
@@ -812,16 +771,15 @@ async fn a_follower_never_gets_a_render_older_than_an_invalidation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_while_the_page_is_being_stored_shares_the_render() {
-    let pages = Memcached::start();
-    let index = Memcached::start();
-    let mut config = Config::default();
-    config.memcached.servers = vec![mcpage::ServerSpec::new(pages.address())];
-    config.memcached.index_servers = vec![mcpage::ServerSpec::new(index.address())];
-    // A paused page server holds the write instead of failing it.
-    config.memcached.timeout_ms = 60_000;
-    let cache = Cache::connect(&config).await.expect("cache");
+    let stack = Stack::builder()
+        .index_server(&[])
+        // A paused page server holds the write instead of failing it.
+        .config(|c| c.memcached.timeout_ms = 60_000)
+        .start()
+        .await;
+    let (pages, cache) = (&stack.memcached()[0], stack.cache());
     let site = Site::default();
-    let router = site_router(&site, &cache);
+    let router = site_router(&site, cache);
 
     pages.pause();
     let first = body_of(call(&router, "/written")).await;
@@ -851,12 +809,12 @@ async fn a_request_while_the_page_is_being_stored_shares_the_render() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_mode_never_serves_one_hosts_page_for_another() {
-    let stack = Stack::start(2, |c| {
+    let (stack, _) = start(2, |c| {
         c.keys.host = true;
         c.cache.allowed_hosts = vec!["a.test".to_owned(), "b.test".to_owned()];
     })
     .await;
-    let authority = stack.nginx.address().to_owned();
+    let authority = stack.nginx().address().to_owned();
     let fetch = |host: &'static str, target: &'static str| {
         let authority = authority.clone();
         async move {
@@ -873,7 +831,7 @@ async fn host_mode_never_serves_one_hosts_page_for_another() {
     };
     let a = fetch("a.test", "/page").await;
     assert_eq!(x_cache(&a), "MISS");
-    stack.cache.wait_for_writes().await;
+    stack.cache().wait_for_writes().await;
     assert_eq!(
         x_cache(&fetch("A.test:8080", "/page").await),
         "HIT",
@@ -887,9 +845,9 @@ async fn host_mode_never_serves_one_hosts_page_for_another() {
     // An absolute-form target names its own host, whatever the Host header says.
     let absolute = fetch("a.test", "http://evil.test/page").await;
     assert_ne!(x_cache(&absolute), "HIT");
-    stack.cache.wait_for_writes().await;
+    stack.cache().wait_for_writes().await;
     let keys: Vec<Vec<u8>> = stack
-        .memcached
+        .memcached()
         .iter()
         .flat_map(|m| m.keys())
         .filter(|k| !k.starts_with(b"mcpage:"))
@@ -904,12 +862,8 @@ async fn host_mode_never_serves_one_hosts_page_for_another() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_index_server_restart_is_recovered_by_the_next_invalidation() {
-    let pages = Memcached::start();
-    let mut index = Memcached::start_with(&["-M"]);
-    let mut config = Config::default();
-    config.memcached.servers = vec![mcpage::ServerSpec::new(pages.address())];
-    config.memcached.index_servers = vec![mcpage::ServerSpec::new(index.address())];
-    let cache = Cache::connect(&config).await.expect("cache");
+    let stack = Stack::builder().index_server(&["-M"]).start().await;
+    let (pages, index, cache) = (&stack.memcached()[0], stack.index(), stack.cache());
     let invalidator = cache.invalidator();
     let stored = || {
         pages

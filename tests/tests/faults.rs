@@ -30,9 +30,8 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::extract::{OriginalUri, State};
 use axum::http::header;
-use mcpage::ServerSpec;
-use mcpage::{Cache, CacheTags, Config, PageCacheLayer};
-use mcpage_tests::{App, Memcached, Nginx, XorShift, env_count, free_addr, try_request};
+use mcpage::{Cache, CacheTags, PageCacheLayer};
+use mcpage_tests::{Memcached, Stack, env_count, try_request};
 use tokio::sync::Notify;
 
 /// Distinct pages; page `i` has tags `t{i % 10}` and `u{i % 7}`.
@@ -114,16 +113,17 @@ async fn load(
     halfway: Arc<Notify>,
 ) -> Load {
     let mut clients = tokio::task::JoinSet::new();
+    let mut seeds = fastrand::Rng::with_seed(seed);
     for client in 0..CLIENTS {
         let share = requests / CLIENTS + usize::from(client < requests % CLIENTS);
         let nginx = nginx.to_owned();
         let done = Arc::clone(&done);
         let halfway = Arc::clone(&halfway);
-        let mut rng = XorShift(seed ^ (0x9E37_79B9_7F4A_7C15_u64.wrapping_mul(client as u64 + 1)));
+        let mut rng = seeds.fork();
         clients.spawn(async move {
             let mut out = Load::default();
             for _ in 0..share {
-                let page = rng.below(PAGES);
+                let page = rng.u64(..PAGES);
                 let url = format!("http://{nginx}/p/{page}");
                 let started = Instant::now();
                 let result = try_request("GET", &url, &[], b"").await;
@@ -171,17 +171,14 @@ enum Faulty {
 }
 
 struct Run {
-    pages: Vec<Memcached>,
-    index: Memcached,
-    nginx: Nginx,
-    _app: App,
-    cache: Cache,
+    /// Two page servers, an index server with `-M`, the app and nginx.
+    stack: Stack,
     data: Data,
     /// Per tag: the version committed before its last invalidation that returned Ok.
     confirmed: Vec<u64>,
     /// Tags whose invalidation returned Err and must be retried.
     pending: BTreeSet<usize>,
-    rng: XorShift,
+    rng: fastrand::Rng,
     requests_per_round: usize,
     // Figures.
     failed_requests: usize,
@@ -194,35 +191,30 @@ struct Run {
 
 impl Run {
     async fn start() -> Run {
-        let pages = vec![Memcached::start(), Memcached::start()];
-        let index = Memcached::start_with(&["-M"]);
-        let mut config = Config::default();
-        config.memcached.servers = pages.iter().map(|m| ServerSpec::new(m.address())).collect();
-        config.memcached.index_servers = vec![ServerSpec::new(index.address())];
-        config.memcached.timeout_ms = 100;
-        config.memcached.breaker_cooldown_ms = 500;
-        let cache = Cache::connect(&config).await.expect("cache");
         let data = Data {
             versions: Arc::new((0..TAGS).map(|_| AtomicU64::new(0)).collect()),
         };
-        let router = Router::new()
-            .fallback(render)
-            .with_state(data.clone())
-            .layer(PageCacheLayer::new(cache.clone()));
-        let app = App::serve(router).await;
-        config.nginx.app = app.address();
-        config.nginx.listen = free_addr();
-        let nginx = Nginx::start(&config);
+        let stack = Stack::builder()
+            .page_servers(2)
+            .index_server(&["-M"])
+            .config(|c| {
+                c.memcached.timeout_ms = 100;
+                c.memcached.breaker_cooldown_ms = 500;
+            })
+            .app(|cache| {
+                Router::new()
+                    .fallback(render)
+                    .with_state(data.clone())
+                    .layer(PageCacheLayer::new(cache.clone()))
+            })
+            .start()
+            .await;
         Run {
-            pages,
-            index,
-            nginx,
-            _app: app,
-            cache,
+            stack,
             data,
             confirmed: vec![0; TAGS],
             pending: BTreeSet::new(),
-            rng: XorShift(0xD1B5_4A32_D192_ED03),
+            rng: fastrand::Rng::with_seed(0xD1B5_4A32_D192_ED03),
             requests_per_round: (requests_per_phase() / ROUNDS).max(CLIENTS),
             failed_requests: 0,
             ok_invalidations: 0,
@@ -233,14 +225,16 @@ impl Run {
     }
 
     fn key(&self, page: u64) -> Vec<u8> {
-        self.cache
+        self.stack
+            .cache()
             .page_key(None, format!("/p/{page}").as_bytes())
             .expect("cacheable")
             .escaped
     }
 
     fn readable(&self, faulty: Faulty) -> Vec<&Memcached> {
-        self.pages
+        self.stack
+            .memcached()
             .iter()
             .enumerate()
             .filter(|(i, _)| faulty != Faulty::Page(*i))
@@ -310,9 +304,9 @@ impl Run {
         for _ in 0..ROUNDS {
             let done = Arc::new(AtomicUsize::new(0));
             let halfway = Arc::new(Notify::new());
-            let slot = self.rng.below(TAGS as u64) as usize;
+            let slot = self.rng.usize(..TAGS);
             let writer = {
-                let cache = self.cache.clone();
+                let cache = self.stack.cache().clone();
                 let data = self.data.clone();
                 let halfway = Arc::clone(&halfway);
                 tokio::spawn(async move {
@@ -320,9 +314,9 @@ impl Run {
                     Run::commit_and_invalidate(&cache, &data, slot).await
                 })
             };
-            let seed = self.rng.next_u64();
+            let seed = self.rng.u64(..);
             let result = load(
-                self.nginx.address(),
+                self.stack.nginx().address(),
                 self.requests_per_round,
                 seed,
                 done,
@@ -338,7 +332,7 @@ impl Run {
             latencies.extend(result.latencies);
             hits += result.hits;
             // Every request has finished, so every write was started: wait for them.
-            self.cache.wait_for_writes().await;
+            self.stack.cache().wait_for_writes().await;
             let stale = self.stale_pages(faulty);
             if outcome.is_ok() {
                 for page in &stale {
@@ -348,9 +342,9 @@ impl Run {
             }
 
             // Quiescent: an invalidation that returns Ok leaves no page of its tag.
-            let slot = self.rng.below(TAGS as u64) as usize;
+            let slot = self.rng.usize(..TAGS);
             let (slot, version, outcome) =
-                Run::commit_and_invalidate(&self.cache, &self.data, slot).await;
+                Run::commit_and_invalidate(self.stack.cache(), &self.data, slot).await;
             self.record(slot, version, &outcome);
             if outcome.is_ok() {
                 let mut left = 0;
@@ -374,7 +368,7 @@ impl Run {
         let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
         let max = latencies.last().copied().unwrap_or_default();
         let errors = self.err_invalidations - errors_before;
-        let stats = self.cache.stats();
+        let stats = self.stack.cache().stats();
         let breakers: Vec<String> = stats
             .servers
             .iter()
@@ -418,7 +412,8 @@ impl Run {
         for slot in &pending {
             let version = self.data.versions[*slot].load(Ordering::SeqCst);
             let result = self
-                .cache
+                .stack
+                .cache()
                 .invalidator()
                 .invalidate_tags([tag_name(*slot)])
                 .await;
@@ -431,7 +426,8 @@ impl Run {
     }
 
     fn page_keys(&self) -> Vec<Vec<u8>> {
-        self.pages
+        self.stack
+            .memcached()
             .iter()
             .flat_map(Memcached::keys)
             .filter(|k| k.starts_with(b"/p/"))
@@ -453,10 +449,10 @@ async fn memcached_faults_under_load_fail_open_and_never_leave_a_stale_page() {
 
     // The index server dies: requests still succeed (nginx serves what is
     // cached, the app the rest, uncached); every invalidation reports Err.
-    run.index.stop();
+    run.stack.index().stop();
     run.phase("index server down", Faulty::None, true).await;
     let before_restart: BTreeSet<Vec<u8>> = run.page_keys().into_iter().collect();
-    run.index.restart();
+    run.stack.index().restart();
     // The pages stored before the restart lost their index records. The first
     // retried invalidation notices the new index process and purges every page
     // (Invalidator::recover_lost_index), so no orphan stays stale.
@@ -468,7 +464,8 @@ async fn memcached_faults_under_load_fail_open_and_never_leave_a_stale_page() {
         .filter(|k| before_restart.contains(k))
         .collect();
     let removed = run
-        .cache
+        .stack
+        .cache()
         .invalidator()
         .purge_prefix("/")
         .await
@@ -503,10 +500,10 @@ async fn memcached_faults_under_load_fail_open_and_never_leave_a_stale_page() {
 
     // A page server dies: nginx and the layer skip it; invalidations that
     // cannot reach it report Err.
-    run.pages[0].stop();
+    run.stack.memcached()[0].stop();
     run.phase("page server killed", Faulty::Page(0), true).await;
     // It comes back empty: the failed invalidations are retried and succeed.
-    run.pages[0].restart();
+    run.stack.memcached()[0].restart();
     let retried_after_kill = run.retry_pending("after the restart").await;
     let stale = run.stale_pages(Faulty::None);
     assert!(stale.is_empty(), "after the retries: {stale:?}");
@@ -515,10 +512,10 @@ async fn memcached_faults_under_load_fail_open_and_never_leave_a_stale_page() {
 
     // Paused: connections hang until the timeouts. The other page server, so
     // that nginx has not marked it failed already (fail_timeout 10 s).
-    run.pages[1].pause();
+    run.stack.memcached()[1].pause();
     run.phase("page server paused", Faulty::Page(1), true).await;
-    run.pages[1].resume();
-    run.cache.wait_for_writes().await;
+    run.stack.memcached()[1].resume();
+    run.stack.cache().wait_for_writes().await;
     let retried_after_pause = run.retry_pending("after SIGCONT").await;
     let stale = run.stale_pages(Faulty::None);
     assert!(stale.is_empty(), "after resume and retries: {stale:?}");

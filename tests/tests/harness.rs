@@ -12,9 +12,7 @@ use axum::response::IntoResponse;
 use axum::routing::get as get_route;
 use mcpage::Config;
 use mcpage::ServerSpec;
-use mcpage_tests::{
-    App, Memcached, Nginx, free_addr, get, gzip, request, request_target, wait_until,
-};
+use mcpage_tests::{Memcached, Stack, get, gzip, request, request_target, wait_until};
 
 const EVENTUALLY: Duration = Duration::from_secs(10);
 
@@ -86,34 +84,18 @@ async fn record(
 }
 
 /// memcached + the recording app + nginx in front of both.
-struct Stack {
-    memcached: Memcached,
-    recorder: Recorder,
-    nginx: Nginx,
-    _app: App,
-}
-
-async fn stack(change: impl FnOnce(&mut Config)) -> Stack {
-    let memcached = Memcached::start();
+async fn stack(change: impl FnOnce(&mut Config)) -> (Stack, Recorder) {
     let recorder = Recorder::default();
     let router = Router::new()
         .route("/_mcpage/health", get_route(|| async { "ok" }))
         .fallback(record)
         .with_state(recorder.clone());
-    let app = App::serve(router).await;
-    let mut config = Config::default();
-    config.memcached.servers = vec![ServerSpec::new(memcached.address())];
-    config.nginx.listen = free_addr();
-    config.nginx.app = app.address();
-    change(&mut config);
-    config.validate().expect("valid test config");
-    let nginx = Nginx::start(&config);
-    Stack {
-        memcached,
-        recorder,
-        nginx,
-        _app: app,
-    }
+    let stack = Stack::builder()
+        .config(change)
+        .app(|_| router)
+        .start()
+        .await;
+    (stack, recorder)
 }
 
 #[track_caller]
@@ -176,7 +158,7 @@ fn memcached_start_set_get_keys_stats() {
 
 #[test]
 fn memcached_stop_restart_pause_resume() {
-    let mut memcached = Memcached::start_with(&["-c", "500"]);
+    let memcached = Memcached::start_with(&["-c", "500"]);
     let port = memcached.port();
     assert_eq!(
         memcached.stats().get("max_connections").map(String::as_str),
@@ -218,58 +200,58 @@ fn memcached_stop_restart_pause_resume() {
 
 #[tokio::test]
 async fn hit_miss_and_headers() {
-    let s = stack(|_| {}).await;
-    s.memcached.set_raw(b"/hello", 0, b"<h1>hello</h1>");
+    let (s, recorder) = stack(|_| {}).await;
+    s.memcached()[0].set_raw(b"/hello", 0, b"<h1>hello</h1>");
 
-    let hit = get(&s.nginx.url("/hello"), &[]).await;
+    let hit = get(&s.nginx().url("/hello"), &[]).await;
     assert_hit(&hit, "<h1>hello</h1>");
     assert_eq!(hit.header("content-type"), Some("text/html; charset=utf-8"));
     assert_eq!(hit.header("content-length"), Some("14"));
-    assert_eq!(s.recorder.count(), 0, "a hit never reaches the app");
+    assert_eq!(recorder.count(), 0, "a hit never reaches the app");
 
     // HEAD is answered from the stored GET.
-    let head = request("HEAD", &s.nginx.url("/hello"), &[], b"").await;
+    let head = request("HEAD", &s.nginx().url("/hello"), &[], b"").await;
     assert_eq!(head.status, StatusCode::OK);
     assert_eq!(head.header("x-cache"), Some("HIT"));
     assert!(head.body.is_empty());
 
     // nginx normalizes the target into $uri: these are the same key.
     for target in ["//hello", "/x/../hello", "/%68ello", "/./hello"] {
-        assert_hit(&get(&s.nginx.url(target), &[]).await, "<h1>hello</h1>");
+        assert_hit(&get(&s.nginx().url(target), &[]).await, "<h1>hello</h1>");
     }
-    assert_eq!(s.recorder.count(), 0);
+    assert_eq!(recorder.count(), 0);
 
     // A miss falls through to the app, which sees the raw target.
-    let miss = get(&s.nginx.url("/missing"), &[]).await;
+    let miss = get(&s.nginx().url("/missing"), &[]).await;
     assert_from_app(&miss, "app:GET /missing");
-    assert_eq!(s.recorder.count(), 1);
+    assert_eq!(recorder.count(), 1);
     let raw = "/a//b/%2e%2e/c%C3%A9?x=%41";
     // (bypass mode: a query goes to the app too, still raw)
     assert_from_app(
-        &get(&s.nginx.url(raw), &[]).await,
+        &get(&s.nginx().url(raw), &[]).await,
         &format!("app:GET {raw}"),
     );
-    let seen = s.recorder.last();
+    let seen = recorder.last();
     assert_eq!(seen.target, raw);
     assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
     assert_eq!(seen.header("x-real-ip"), Some("127.0.0.1"));
     assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
-    assert_eq!(seen.header("host"), Some(s.nginx.address()));
+    assert_eq!(seen.header("host"), Some(s.nginx().address()));
 
     // Non-UTF-8 bytes in the target are sent as they are.
-    s.memcached.set_raw(b"/caf\xC3\xA9", 0, b"cafe");
-    let raw_utf8 = request_target("GET", s.nginx.address(), b"/caf\xC3\xA9", &[], b"")
+    s.memcached()[0].set_raw(b"/caf\xC3\xA9", 0, b"cafe");
+    let raw_utf8 = request_target("GET", s.nginx().address(), b"/caf\xC3\xA9", &[], b"")
         .await
         .expect("raw target");
     assert_hit(&raw_utf8, "cafe");
-    assert_hit(&get(&s.nginx.url("/caf%c3%a9"), &[]).await, "cafe");
+    assert_hit(&get(&s.nginx().url("/caf%c3%a9"), &[]).await, "cafe");
 
     // The access log says what happened.
     wait_until(
         EVENTUALLY,
         "the access log shows hits and misses",
         || async {
-            let log = s.nginx.access_log();
+            let log = s.nginx().access_log();
             log.contains("\"GET /hello HTTP/1.1\" 200 14 cache=HIT bypass=- ")
                 && log.contains("\"GET /missing HTTP/1.1\" 200 ")
                 && log.lines().any(|l| {
@@ -284,19 +266,19 @@ async fn hit_miss_and_headers() {
 
 #[tokio::test]
 async fn non_get_methods_reach_the_app_with_their_body() {
-    let s = stack(|_| {}).await;
-    s.memcached.set_raw(b"/hello", 0, b"cached");
+    let (s, recorder) = stack(|_| {}).await;
+    s.memcached()[0].set_raw(b"/hello", 0, b"cached");
 
     let form = b"comment=hello+world&x=%26";
     let response = request(
         "POST",
-        &s.nginx.url("/hello"),
+        &s.nginx().url("/hello"),
         &[("Content-Type", "application/x-www-form-urlencoded")],
         form,
     )
     .await;
     assert_from_app(&response, "app:POST /hello");
-    let seen = s.recorder.last();
+    let seen = recorder.last();
     assert_eq!(seen.method, "POST");
     assert_eq!(seen.body, form);
     assert_eq!(
@@ -306,9 +288,9 @@ async fn non_get_methods_reach_the_app_with_their_body() {
 
     // A body larger than client_body_buffer_size goes through nginx's temp file.
     let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-    let response = request("PUT", &s.nginx.url("/upload?x=1"), &[], &big).await;
+    let response = request("PUT", &s.nginx().url("/upload?x=1"), &[], &big).await;
     assert_from_app(&response, "app:PUT /upload?x=1");
-    let seen = s.recorder.last();
+    let seen = recorder.last();
     assert_eq!(seen.method, "PUT");
     assert!(
         seen.body == big,
@@ -317,14 +299,14 @@ async fn non_get_methods_reach_the_app_with_their_body() {
     );
 
     for method in ["DELETE", "PATCH", "OPTIONS"] {
-        let response = request(method, &s.nginx.url("/hello"), &[], b"").await;
+        let response = request(method, &s.nginx().url("/hello"), &[], b"").await;
         assert_from_app(&response, &format!("app:{method} /hello"));
     }
     // Methods are case-sensitive: `get` is not GET.
-    let response = request("get", &s.nginx.url("/hello"), &[], b"").await;
+    let response = request("get", &s.nginx().url("/hello"), &[], b"").await;
     assert_ne!(response.header("x-cache"), Some("HIT"), "{response:?}");
     assert_eq!(
-        s.memcached.get_raw(b"/hello"),
+        s.memcached()[0].get_raw(b"/hello"),
         Some((0, b"cached".to_vec()))
     );
 
@@ -332,7 +314,7 @@ async fn non_get_methods_reach_the_app_with_their_body() {
         EVENTUALLY,
         "the access log shows the method bypass",
         || async {
-            s.nginx.access_log().lines().any(|l| {
+            s.nginx().access_log().lines().any(|l| {
                 l.contains("\"POST /hello HTTP/1.1\" 200")
                     && l.contains("cache=BYPASS bypass=method")
             })
@@ -343,9 +325,9 @@ async fn non_get_methods_reach_the_app_with_their_body() {
 
 #[tokio::test]
 async fn logged_in_and_query_requests_bypass_memcached() {
-    let s = stack(|_| {}).await;
-    s.memcached.set_raw(b"/hello", 0, b"cached");
-    let url = s.nginx.url("/hello");
+    let (s, recorder) = stack(|_| {}).await;
+    s.memcached()[0].set_raw(b"/hello", 0, b"cached");
+    let url = s.nginx().url("/hello");
 
     for cookie in [
         "sessionid=x",
@@ -356,7 +338,7 @@ async fn logged_in_and_query_requests_bypass_memcached() {
     ] {
         let response = get(&url, &[("Cookie", cookie)]).await;
         assert_from_app(&response, "app:GET /hello");
-        assert_eq!(s.recorder.last().header("cookie"), Some(cookie));
+        assert_eq!(recorder.last().header("cookie"), Some(cookie));
     }
     // Two Cookie headers: nginx joins them.
     let response = get(&url, &[("Cookie", "a=1"), ("Cookie", "sessionid=2")]).await;
@@ -377,19 +359,22 @@ async fn logged_in_and_query_requests_bypass_memcached() {
         "app:GET /hello",
     );
     assert_from_app(
-        &get(&s.nginx.url("/hello?x=1"), &[]).await,
+        &get(&s.nginx().url("/hello?x=1"), &[]).await,
         "app:GET /hello?x=1",
     );
-    assert_from_app(&get(&s.nginx.url("/hello?"), &[]).await, "app:GET /hello?");
+    assert_from_app(
+        &get(&s.nginx().url("/hello?"), &[]).await,
+        "app:GET /hello?",
+    );
     // An encoded `?` is part of the path, not a query.
-    s.memcached.set_raw(b"/q?x", 0, b"question");
-    assert_hit(&get(&s.nginx.url("/q%3Fx"), &[]).await, "question");
+    s.memcached()[0].set_raw(b"/q?x", 0, b"question");
+    assert_hit(&get(&s.nginx().url("/q%3Fx"), &[]).await, "question");
 
     wait_until(
         EVENTUALLY,
         "the access log names the bypass reasons",
         || async {
-            let log = s.nginx.access_log();
+            let log = s.nginx().access_log();
             ["bypass=cookie", "bypass=authorization", "bypass=query"]
                 .iter()
                 .all(|reason| log.contains(&format!("cache=BYPASS {reason} ")))
@@ -400,17 +385,17 @@ async fn logged_in_and_query_requests_bypass_memcached() {
 
 #[tokio::test]
 async fn admin_paths_go_to_the_app() {
-    let s = stack(|_| {}).await;
-    s.memcached.set_raw(b"/_mcpage/health", 0, b"cached health");
-    let response = get(&s.nginx.url("/_mcpage/health"), &[]).await;
+    let (s, recorder) = stack(|_| {}).await;
+    s.memcached()[0].set_raw(b"/_mcpage/health", 0, b"cached health");
+    let response = get(&s.nginx().url("/_mcpage/health"), &[]).await;
     assert_eq!(response.status, StatusCode::OK);
     assert_eq!(response.text(), "ok");
     assert_eq!(response.header("x-cache"), None);
-    let response = request("POST", &s.nginx.url("/_mcpage/invalidate"), &[], b"tag=x").await;
+    let response = request("POST", &s.nginx().url("/_mcpage/invalidate"), &[], b"tag=x").await;
     assert_eq!(response.text(), "app:POST /_mcpage/invalidate");
-    assert_eq!(s.recorder.last().body, b"tag=x");
+    assert_eq!(recorder.last().body, b"tag=x");
     wait_until(EVENTUALLY, "the access log shows ADMIN", || async {
-        s.nginx
+        s.nginx()
             .access_log()
             .contains("\"GET /_mcpage/health HTTP/1.1\" 200 2 cache=ADMIN")
     })
@@ -419,50 +404,50 @@ async fn admin_paths_go_to_the_app() {
 
 #[tokio::test]
 async fn gzip_values_are_served_compressed_or_gunzipped() {
-    let s = stack(|config| {
+    let (s, _) = stack(|config| {
         config.cache.gzip = true;
         config.cache.gzip_flag = 2;
     })
     .await;
     let page = "<h1>compressed</h1>".repeat(100);
     let compressed = gzip(page.as_bytes());
-    s.memcached.set_raw(b"/gz", 2 | 1, &compressed);
+    s.memcached()[0].set_raw(b"/gz", 2 | 1, &compressed);
 
-    let plain = get(&s.nginx.url("/gz"), &[]).await;
+    let plain = get(&s.nginx().url("/gz"), &[]).await;
     assert_hit(&plain, &page);
     assert_eq!(plain.header("content-encoding"), None);
     assert_eq!(plain.header("vary"), Some("Accept-Encoding"));
 
-    let gz = get(&s.nginx.url("/gz"), &[("Accept-Encoding", "gzip")]).await;
+    let gz = get(&s.nginx().url("/gz"), &[("Accept-Encoding", "gzip")]).await;
     assert_eq!(gz.status, StatusCode::OK);
     assert_eq!(gz.header("content-encoding"), Some("gzip"));
     assert_eq!(gz.header("x-cache"), Some("HIT"));
     assert_eq!(gz.body, compressed);
 
     // Without the flag the value is served as stored.
-    s.memcached.set_raw(b"/plain", 1, b"plain");
-    let response = get(&s.nginx.url("/plain"), &[("Accept-Encoding", "gzip")]).await;
+    s.memcached()[0].set_raw(b"/plain", 1, b"plain");
+    let response = get(&s.nginx().url("/plain"), &[("Accept-Encoding", "gzip")]).await;
     assert_hit(&response, "plain");
     assert_eq!(response.header("content-encoding"), None);
 }
 
 #[tokio::test]
 async fn memcached_down_or_oversized_keys_fall_back_to_the_app() {
-    let mut s = stack(|config| config.keys.prefix = "p$x:".to_owned()).await;
-    s.memcached.set_raw(b"p$x:/hello", 0, b"prefixed");
-    assert_hit(&get(&s.nginx.url("/hello"), &[]).await, "prefixed");
+    let (s, _) = stack(|config| config.keys.prefix = "p$x:".to_owned()).await;
+    s.memcached()[0].set_raw(b"p$x:/hello", 0, b"prefixed");
+    assert_hit(&get(&s.nginx().url("/hello"), &[]).await, "prefixed");
 
     // A key over 250 bytes is not even asked for (memcached would answer CLIENT_ERROR).
     let long = format!("/{}", "a".repeat(260));
     assert_from_app(
-        &get(&s.nginx.url(&long), &[]).await,
+        &get(&s.nginx().url(&long), &[]).await,
         &format!("app:GET {long}"),
     );
 
-    s.memcached.stop();
-    assert_from_app(&get(&s.nginx.url("/hello"), &[]).await, "app:GET /hello");
+    s.memcached()[0].stop();
+    assert_from_app(&get(&s.nginx().url("/hello"), &[]).await, "app:GET /hello");
     wait_until(EVENTUALLY, "the access log shows ERROR", || async {
-        let log = s.nginx.access_log();
+        let log = s.nginx().access_log();
         log.contains(" cache=BYPASS bypass=long_key ")
             && log
                 .lines()
@@ -470,31 +455,31 @@ async fn memcached_down_or_oversized_keys_fall_back_to_the_app() {
     })
     .await;
     assert!(
-        s.nginx.error_log().contains("connect() failed"),
+        s.nginx().error_log().contains("connect() failed"),
         "{}",
-        s.nginx.error_log()
+        s.nginx().error_log()
     );
 }
 
 #[tokio::test]
 async fn host_mode_keys_and_allowed_hosts() {
-    let s = stack(|config| {
+    let (s, recorder) = stack(|config| {
         config.keys.host = true;
         config.cache.allowed_hosts = vec!["example.com".to_owned()];
     })
     .await;
-    s.memcached.set_raw(b"example.com/hello", 0, b"example");
-    s.memcached.set_raw(b"other.org/hello", 0, b"other");
+    s.memcached()[0].set_raw(b"example.com/hello", 0, b"example");
+    s.memcached()[0].set_raw(b"other.org/hello", 0, b"other");
     assert_hit(
-        &get(&s.nginx.url("/hello"), &[("Host", "Example.COM:8080")]).await,
+        &get(&s.nginx().url("/hello"), &[("Host", "Example.COM:8080")]).await,
         "example",
     );
     assert_from_app(
-        &get(&s.nginx.url("/hello"), &[("Host", "other.org")]).await,
+        &get(&s.nginx().url("/hello"), &[("Host", "other.org")]).await,
         "app:GET /hello",
     );
-    assert_eq!(s.recorder.last().header("host"), Some("other.org"));
-    assert_from_app(&get(&s.nginx.url("/hello"), &[]).await, "app:GET /hello");
+    assert_eq!(recorder.last().header("host"), Some("other.org"));
+    assert_from_app(&get(&s.nginx().url("/hello"), &[]).await, "app:GET /hello");
 }
 
 /// A request target whose `$uri` is `/` + `escapes` escaped bytes + `plain` letters.
@@ -520,7 +505,7 @@ fn target_with(escapes: usize, plain: usize) -> (String, Vec<u8>) {
 #[tokio::test]
 async fn long_keys_are_never_asked_and_never_disable_a_server() {
     let other = Memcached::start();
-    let s = stack(|config| {
+    let (s, _) = stack(|config| {
         config.keys.prefix = "pg:".to_owned();
         config
             .memcached
@@ -534,17 +519,17 @@ async fn long_keys_are_never_asked_and_never_disable_a_server() {
         mcpage::key::memcached_escape(&[b"pg:".as_slice(), &uri.uri].concat())
     };
     let both = |key: &[u8], value: &[u8]| {
-        s.memcached.set_raw(key, 0, value);
+        s.memcached()[0].set_raw(key, 0, value);
         other.set_raw(key, 0, value);
     };
     // Where each page lives before: one server answers "A", the other "B".
     for i in 0..20 {
-        s.memcached.set_raw(format!("pg:/k{i}").as_bytes(), 0, b"A");
+        s.memcached()[0].set_raw(format!("pg:/k{i}").as_bytes(), 0, b"A");
         other.set_raw(format!("pg:/k{i}").as_bytes(), 0, b"B");
     }
     let mut before = Vec::new();
     for i in 0..20 {
-        before.push(get(&s.nginx.url(&format!("/k{i}")), &[]).await.text());
+        before.push(get(&s.nginx().url(&format!("/k{i}")), &[]).await.text());
     }
     assert!(
         before.contains(&"A".to_owned()) && before.contains(&"B".to_owned()),
@@ -564,7 +549,7 @@ async fn long_keys_are_never_asked_and_never_disable_a_server() {
             "the layer computes the same key"
         );
         both(&wire, b"longest");
-        assert_hit(&get(&s.nginx.url(&target), &[]).await, "longest");
+        assert_hit(&get(&s.nginx().url(&target), &[]).await, "longest");
 
         let (target, _) = target_with(escapes, plain + 1);
         assert!(
@@ -572,29 +557,29 @@ async fn long_keys_are_never_asked_and_never_disable_a_server() {
             "the layer never stores 251 bytes"
         );
         assert_from_app(
-            &get(&s.nginx.url(&target), &[]).await,
+            &get(&s.nginx().url(&target), &[]).await,
             &format!("app:GET {target}"),
         );
     }
     for (escapes, plain) in [(83, 0), (84, 0), (100, 0), (0, 400), (90, 300)] {
         let (target, _) = target_with(escapes, plain);
         assert_from_app(
-            &get(&s.nginx.url(&target), &[]).await,
+            &get(&s.nginx().url(&target), &[]).await,
             &format!("app:GET {target}"),
         );
     }
 
     let mut after = Vec::new();
     for i in 0..20 {
-        after.push(get(&s.nginx.url(&format!("/k{i}")), &[]).await.text());
+        after.push(get(&s.nginx().url(&format!("/k{i}")), &[]).await.text());
     }
     assert_eq!(
         before,
         after,
         "long keys moved pages:\n{}",
-        s.nginx.error_log()
+        s.nginx().error_log()
     );
-    let errors = s.nginx.error_log();
+    let errors = s.nginx().error_log();
     assert!(
         !errors.contains("invalid response") && !errors.contains("disabled"),
         "{errors}"
@@ -603,7 +588,7 @@ async fn long_keys_are_never_asked_and_never_disable_a_server() {
         EVENTUALLY,
         "the access log shows long_key bypasses",
         || async {
-            s.nginx
+            s.nginx()
                 .access_log()
                 .matches("cache=BYPASS bypass=long_key ")
                 .count()
@@ -615,19 +600,19 @@ async fn long_keys_are_never_asked_and_never_disable_a_server() {
 
 #[tokio::test]
 async fn ordinary_traffic_logs_no_warnings() {
-    let s = stack(|_| {}).await;
-    s.memcached.set_raw(b"/hello", 0, b"hi");
-    assert_hit(&get(&s.nginx.url("/hello"), &[]).await, "hi");
-    get(&s.nginx.url("/miss"), &[]).await;
-    get(&s.nginx.url("/hello"), &[("Cookie", "sessionid=1")]).await;
-    get(&s.nginx.url("/_mcpage/health"), &[]).await;
-    request("POST", &s.nginx.url("/_mcpage/invalidate"), &[], b"x").await;
-    request("POST", &s.nginx.url("/form"), &[], b"x").await;
+    let (s, _) = stack(|_| {}).await;
+    s.memcached()[0].set_raw(b"/hello", 0, b"hi");
+    assert_hit(&get(&s.nginx().url("/hello"), &[]).await, "hi");
+    get(&s.nginx().url("/miss"), &[]).await;
+    get(&s.nginx().url("/hello"), &[("Cookie", "sessionid=1")]).await;
+    get(&s.nginx().url("/_mcpage/health"), &[]).await;
+    request("POST", &s.nginx().url("/_mcpage/invalidate"), &[], b"x").await;
+    request("POST", &s.nginx().url("/form"), &[], b"x").await;
     wait_until(EVENTUALLY, "six access log lines", || async {
-        s.nginx.access_log().lines().count() == 6
+        s.nginx().access_log().lines().count() == 6
     })
     .await;
-    let log = s.nginx.access_log();
+    let log = s.nginx().access_log();
     for expected in [
         "\"GET /hello HTTP/1.1\" 200 2 cache=HIT bypass=- upstream=127.0.0.1:",
         "\"GET /miss HTTP/1.1\" 200 13 cache=MISS bypass=- ",
@@ -638,5 +623,5 @@ async fn ordinary_traffic_logs_no_warnings() {
     ] {
         assert!(log.contains(expected), "no `{expected}` in:\n{log}");
     }
-    assert_eq!(s.nginx.error_log(), "", "nginx logged errors or warnings");
+    assert_eq!(s.nginx().error_log(), "", "nginx logged errors or warnings");
 }

@@ -24,13 +24,12 @@ use axum::body::Body;
 use axum::extract::{OriginalUri, State};
 use axum::http::{HeaderMap, HeaderValue, Request, header};
 use axum::response::{IntoResponse, Response};
-use mcpage::ServerSpec;
 use mcpage::key::{
     KeyScheme, QueryMode, memcached_escape, memcached_unescape, nginx_host, nginx_uri, split_url,
     wire_key_len,
 };
 use mcpage::{Cache, CacheTags, Config, PageCacheLayer};
-use mcpage_tests::{App, Memcached, Nginx, free_addr, get, request_target};
+use mcpage_tests::{Stack, StackBuilder, get, request_target};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -90,13 +89,12 @@ async fn body_of(response: Response) -> Vec<u8> {
         .to_vec()
 }
 
-async fn connect(memcached: &Memcached, tweak: impl FnOnce(&mut Config)) -> (Config, Cache) {
-    let mut config = Config::default();
-    config.memcached.servers = vec![ServerSpec::new(memcached.address())];
-    config.memcached.timeout_ms = 2_000;
-    tweak(&mut config);
-    let cache = Cache::connect(&config).await.expect("cache");
-    (config, cache)
+/// One memcached and a cache on it, patient enough for a loaded machine;
+/// `tweak` changes the config.
+fn stack<'a>(tweak: impl FnOnce(&mut Config) + 'a) -> StackBuilder<'a> {
+    Stack::builder()
+        .config(|c| c.memcached.timeout_ms = 2_000)
+        .config(tweak)
 }
 
 /// Is `key` a key memcached accepts and the one nginx would send for `value`?
@@ -253,18 +251,16 @@ fn key_functions_take_any_bytes() {
 #[test]
 fn request_targets_through_the_layer() {
     let rt = runtime();
-    let memcached = Memcached::start();
-    let (plain, host_mode) = rt.block_on(async {
-        let (_, plain) = connect(&memcached, |_| {}).await;
-        let (_, host_mode) = connect(&memcached, |c| {
-            c.keys.host = true;
-            c.keys.query = QueryMode::Include;
-            c.keys.prefix = "h:".to_owned();
-            c.cache.allowed_hosts = vec!["a.test".to_owned(), "[::1]".to_owned()];
-        })
-        .await;
-        (plain, host_mode)
-    });
+    let stack = rt.block_on(stack(|_| {}).start());
+    let memcached = &stack.memcached()[0];
+    let plain = stack.cache().clone();
+    // A second cache on the same memcached, with host keys.
+    let mut config = stack.config().clone();
+    config.keys.host = true;
+    config.keys.query = QueryMode::Include;
+    config.keys.prefix = "h:".to_owned();
+    config.cache.allowed_hosts = vec!["a.test".to_owned(), "[::1]".to_owned()];
+    let host_mode = rt.block_on(Cache::connect(&config)).expect("cache");
     let routers: Vec<(Cache, Router)> = [plain, host_mode]
         .into_iter()
         .map(|cache| {
@@ -408,10 +404,10 @@ fn tagged_router(cache: &Cache, tagged: &Tagged) -> Router {
 #[test]
 fn any_tag_string_indexes_and_invalidates() {
     let rt = runtime();
-    let memcached = Memcached::start();
-    let (_, cache) = rt.block_on(connect(&memcached, |_| {}));
+    let stack = rt.block_on(stack(|_| {}).start());
+    let (memcached, cache) = (&stack.memcached()[0], stack.cache());
     let tagged = Tagged::default();
-    let router = tagged_router(&cache, &tagged);
+    let router = tagged_router(cache, &tagged);
     let tag = prop_oneof![
         3 => proptest::string::string_regex("(?s).{1,40}").expect("regex"),
         1 => "[a-z]{0,5}(\r\n|\n|\r|\t| |\0|,|;|%)[a-z]{0,5}",
@@ -475,10 +471,10 @@ fn any_tag_string_indexes_and_invalidates() {
 #[test]
 fn oversized_tag_sets_are_served_not_cached() {
     let rt = runtime();
-    let memcached = Memcached::start();
-    let (_, cache) = rt.block_on(connect(&memcached, |_| {}));
+    let stack = rt.block_on(stack(|_| {}).start());
+    let (memcached, cache) = (&stack.memcached()[0], stack.cache());
     let tagged = Tagged::default();
-    let router = tagged_router(&cache, &tagged);
+    let router = tagged_router(cache, &tagged);
     let many: Vec<String> = (0..10_000).map(|i| format!("tag:{i}")).collect();
     let huge = "x".repeat(1 << 20);
     let at_limit: Vec<String> = (0..128)
@@ -540,10 +536,10 @@ fn oversized_tag_sets_are_served_not_cached() {
 #[test]
 fn any_x_cache_tags_header_is_removed_and_never_fails_the_page() {
     let rt = runtime();
-    let memcached = Memcached::start();
-    let (_, cache) = rt.block_on(connect(&memcached, |_| {}));
+    let stack = rt.block_on(stack(|_| {}).start());
+    let (memcached, cache) = (&stack.memcached()[0], stack.cache());
     let tagged = Tagged::default();
-    let router = tagged_router(&cache, &tagged);
+    let router = tagged_router(cache, &tagged);
     let n = Count::default();
     let (misses, bypasses) = (Count::default(), Count::default());
     let value = prop_oneof![
@@ -615,29 +611,29 @@ fn any_x_cache_tags_header_is_removed_and_never_fails_the_page() {
 /// the client gets the page, the page is not cached.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_x_cache_tags_headers_through_nginx() {
-    let memcached = Memcached::start();
-    let (mut config, cache) = connect(&memcached, |_| {}).await;
-    let router = Router::new()
-        .fallback(|OriginalUri(uri): OriginalUri| async move {
-            let value = match uri.path() {
-                "/many" => (0..10_000)
-                    .map(|i| format!("tag:{i}"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                "/huge" => "h".repeat(1 << 20),
-                _ => "ok, fine".to_owned(),
-            };
-            (
-                [(header::CONTENT_TYPE, "text/html")],
-                [("x-cache-tags", value)],
-                format!("page {}", uri.path()),
-            )
+    let stack = stack(|_| {})
+        .app(|cache| {
+            Router::new()
+                .fallback(|OriginalUri(uri): OriginalUri| async move {
+                    let value = match uri.path() {
+                        "/many" => (0..10_000)
+                            .map(|i| format!("tag:{i}"))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        "/huge" => "h".repeat(1 << 20),
+                        _ => "ok, fine".to_owned(),
+                    };
+                    (
+                        [(header::CONTENT_TYPE, "text/html")],
+                        [("x-cache-tags", value)],
+                        format!("page {}", uri.path()),
+                    )
+                })
+                .layer(PageCacheLayer::new(cache.clone()))
         })
-        .layer(PageCacheLayer::new(cache.clone()));
-    let app = App::serve(router).await;
-    config.nginx.app = app.address();
-    config.nginx.listen = free_addr();
-    let nginx = Nginx::start(&config);
+        .start()
+        .await;
+    let (memcached, cache, nginx) = (&stack.memcached()[0], stack.cache(), stack.nginx());
     for path in ["/many", "/huge"] {
         for headers in [&[][..], &[("cookie", "sessionid=1")][..]] {
             let response = get(&nginx.url(path), headers).await;
@@ -811,15 +807,14 @@ fn load_config(dir: &std::path::Path, n: usize, text: &[u8]) -> Result<Config, S
     loaded
 }
 
-fn config_dir(test: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("mcpage-hostile-{test}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("config dir");
-    dir
+fn config_dir(test: &str) -> tempfile::TempDir {
+    mcpage_tests::temp_dir(&format!("hostile-{test}"))
 }
 
 #[test]
 fn config_errors_name_the_field() {
-    let dir = config_dir("named");
+    let temp = config_dir("named");
+    let dir = temp.path();
     // One bad value at a time: the error names the field.
     let long_prefix = format!("[keys]\nprefix = \"{}\"\n", "p".repeat(250));
     let long_namespace = format!("[cache]\nindex_namespace = \"{}\"\n", "n".repeat(212));
@@ -876,7 +871,7 @@ fn config_errors_name_the_field() {
         ("[nonsense]\nx = 1\n", "nonsense"),
     ];
     for (n, (text, field)) in fixed.iter().enumerate() {
-        let error = load_config(&dir, n, text.as_bytes()).expect_err(&format!("accepted {text:?}"));
+        let error = load_config(dir, n, text.as_bytes()).expect_err(&format!("accepted {text:?}"));
         assert!(
             error.contains(field),
             "{text:?}: error {error:?} does not name `{field}`"
@@ -885,7 +880,7 @@ fn config_errors_name_the_field() {
 
     // The longest accepted prefix and namespace still give valid keys.
     let config = load_config(
-        &dir,
+        dir,
         999,
         format!(
             "[keys]\nprefix = \"{}\"\n[cache]\nindex_namespace = \"{}\"\n",
@@ -904,7 +899,7 @@ fn config_errors_name_the_field() {
     let n = Count(Cell::new(fixed.len()));
     runner(total)
         .run(&config_doc(), |(text, fields)| {
-            if let Err(error) = load_config(&dir, n.bump(), text.as_bytes()) {
+            if let Err(error) = load_config(dir, n.bump(), text.as_bytes()) {
                 refused.bump();
                 // `keys.host = true` without allowed hosts names cache.allowed_hosts.
                 let named = fields.iter().any(|(dotted, leaf)| {
@@ -915,7 +910,7 @@ fn config_errors_name_the_field() {
             Ok(())
         })
         .unwrap_or_else(|e| panic!("{e}"));
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
     println!(
         "hostile: {} fixed bad values each named their field; {total} generated configs, \
          {} refused, each naming a field it set",
@@ -926,7 +921,8 @@ fn config_errors_name_the_field() {
 
 #[test]
 fn any_config_text_is_an_error_or_a_config_never_a_panic() {
-    let dir = config_dir("any");
+    let temp = config_dir("any");
+    let dir = temp.path();
     let mut hostile: Vec<Vec<u8>> = vec![
         format!("[cache]\ninclude = {}\n", "[".repeat(100_000)).into_bytes(),
         format!("a = {}1{}\n", "[".repeat(5_000), "]".repeat(5_000)).into_bytes(),
@@ -951,10 +947,10 @@ fn any_config_text_is_an_error_or_a_config_never_a_panic() {
         b"[cache]\nmax_body_bytes = 18446744073709551615\n".to_vec(),
         b"[nginx]\nbuffer_size = \"99999999999999999999999k\"\n".to_vec(),
     ];
-    let accepted_prefix = load_config(&dir, 0, &hostile[2]).is_ok();
-    let accepted_namespace = load_config(&dir, 0, &hostile[3]).is_ok();
+    let accepted_prefix = load_config(dir, 0, &hostile[2]).is_ok();
+    let accepted_namespace = load_config(dir, 0, &hostile[3]).is_ok();
     for (n, text) in hostile.drain(..).enumerate() {
-        let _ = load_config(&dir, n, &text);
+        let _ = load_config(dir, n, &text);
     }
     let line = prop_oneof![
         3 => (prop::sample::select(known_fields()), toml_value())
@@ -967,13 +963,13 @@ fn any_config_text_is_an_error_or_a_config_never_a_panic() {
     let n = Count(Cell::new(100));
     runner(total)
         .run(&prop::collection::vec(line, 0..5), |lines| {
-            if load_config(&dir, n.bump(), lines.join("\n").as_bytes()).is_ok() {
+            if load_config(dir, n.bump(), lines.join("\n").as_bytes()).is_ok() {
                 ok.bump();
             }
             Ok(())
         })
         .unwrap_or_else(|e| panic!("{e}"));
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
     println!(
         "hostile: 14 hostile config files (100,000 nested arrays, a 1 MB prefix, a huge regex, ...) \
          and {total} generated ones: no panic, {} accepted; a 1 MB keys.prefix is {}, \
@@ -1005,35 +1001,40 @@ fn any_config_text_is_an_error_or_a_config_never_a_panic() {
 // ---------------------------------------------------------------------------
 
 async fn page_over_the_item_limit(gzip: bool) {
-    let memcached = Memcached::start_with(&["-I", "1m"]);
-    let (mut config, cache) = connect(&memcached, |c| {
+    let big = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let body = Arc::new(mcpage_tests::random_text(2 << 20, 7));
+    let stack = stack(|c| {
         c.cache.max_body_bytes = 4 << 20;
         c.cache.gzip = gzip;
     })
+    .memcached_args(&["-I", "1m"])
+    .app(|cache| {
+        Router::new()
+            .fallback({
+                let big = Arc::clone(&big);
+                move || async move {
+                    let page = if big.load(std::sync::atomic::Ordering::SeqCst) {
+                        body.to_vec()
+                    } else {
+                        b"<p>small old version</p>".to_vec()
+                    };
+                    (
+                        CacheTags::new(["grow"]),
+                        [(header::CONTENT_TYPE, "text/html")],
+                        page,
+                    )
+                }
+            })
+            .layer(PageCacheLayer::new(cache.clone()))
+    })
+    .start()
     .await;
-    let big = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let body = Arc::new(mcpage_tests::random_text(2 << 20, 7));
-    let router = Router::new()
-        .fallback({
-            let big = Arc::clone(&big);
-            move || async move {
-                let page = if big.load(std::sync::atomic::Ordering::SeqCst) {
-                    body.to_vec()
-                } else {
-                    b"<p>small old version</p>".to_vec()
-                };
-                (
-                    CacheTags::new(["grow"]),
-                    [(header::CONTENT_TYPE, "text/html")],
-                    page,
-                )
-            }
-        })
-        .layer(PageCacheLayer::new(cache.clone()));
-    let app = App::serve(router).await;
-    config.nginx.app = app.address();
-    config.nginx.listen = free_addr();
-    let nginx = Nginx::start(&config);
+    let (memcached, cache, nginx, app) = (
+        &stack.memcached()[0],
+        stack.cache(),
+        stack.nginx(),
+        stack.app(),
+    );
     let key = cache.page_key(None, b"/grow").expect("key").escaped;
 
     // The small version is cached and served by nginx.
@@ -1156,19 +1157,28 @@ async fn raw_exchange(address: &str, request: &[u8]) -> (u16, Vec<u8>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_header_games_never_serve_another_hosts_page() {
-    let memcached = Memcached::start();
-    let (mut config, cache) = connect(&memcached, |c| {
+    // The router nginx's app serves, also called in process below.
+    let mut served = None;
+    let stack = stack(|c| {
         c.keys.host = true;
         c.cache.allowed_hosts = vec!["a.test".to_owned(), "b.test".to_owned()];
     })
+    .app(|cache| {
+        let router = Router::new()
+            .fallback(host_page)
+            .layer(PageCacheLayer::new(cache.clone()));
+        served = Some(router.clone());
+        router
+    })
+    .start()
     .await;
-    let router = Router::new()
-        .fallback(host_page)
-        .layer(PageCacheLayer::new(cache.clone()));
-    let app = App::serve(router.clone()).await;
-    config.nginx.app = app.address();
-    config.nginx.listen = free_addr();
-    let nginx = Nginx::start(&config);
+    let router = served.expect("the app was built");
+    let (memcached, cache, nginx, app) = (
+        &stack.memcached()[0],
+        stack.cache(),
+        stack.nginx(),
+        stack.app(),
+    );
     let authority = nginx.address().to_owned();
 
     // Cache both allowed hosts' pages first, so a mix-up would show.

@@ -14,7 +14,7 @@ use axum::extract::Request;
 use axum::http::header;
 use axum::response::IntoResponse;
 use mcpage::{Cache, CacheTags, Config, PageCacheLayer, ServerSpec};
-use mcpage_tests::{App, Memcached, Nginx, free_addr, request_target};
+use mcpage_tests::{Memcached, Stack, request_target};
 use proptest::prelude::*;
 
 /// Headers an app reads to build links or route (the ones the echo shows).
@@ -58,36 +58,33 @@ async fn echo(request: Request) -> impl IntoResponse {
 }
 
 struct Site {
-    memcached: Memcached,
-    nginx: Nginx,
-    app: App,
-    cache: Cache,
+    stack: Stack,
 }
 
 impl Site {
     async fn start() -> Site {
-        let memcached = Memcached::start();
-        let mut config = Config::default();
-        config.memcached.servers = vec![ServerSpec::new(memcached.address())];
-        config.memcached.timeout_ms = 500;
-        let cache = Cache::connect(&config).await.expect("cache");
-        let router = Router::new()
-            .fallback(echo)
-            .layer(PageCacheLayer::new(cache.clone()));
-        let app = App::serve(router).await;
-        config.nginx.app = app.address();
-        config.nginx.listen = free_addr();
-        let nginx = Nginx::start(&config);
-        Site {
-            memcached,
-            nginx,
-            app,
-            cache,
-        }
+        let stack = Stack::builder()
+            .config(|c| c.memcached.timeout_ms = 500)
+            .app(|cache| {
+                Router::new()
+                    .fallback(echo)
+                    .layer(PageCacheLayer::new(cache.clone()))
+            })
+            .start()
+            .await;
+        Site { stack }
+    }
+
+    fn cache(&self) -> &Cache {
+        self.stack.cache()
+    }
+
+    fn memcached(&self) -> &Memcached {
+        &self.stack.memcached()[0]
     }
 
     async fn get(&self, target: &[u8], headers: &[(&str, &str)]) -> mcpage_tests::Response {
-        request_target("GET", self.nginx.address(), target, headers, b"")
+        request_target("GET", self.stack.nginx().address(), target, headers, b"")
             .await
             .expect("request through nginx")
     }
@@ -97,7 +94,7 @@ impl Site {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
             let response = self.get(path.as_bytes(), &[]).await;
-            self.cache.wait_for_writes().await;
+            self.cache().wait_for_writes().await;
             if response.header("x-cache") == Some("HIT") {
                 return response.text();
             }
@@ -145,7 +142,7 @@ async fn no_unkeyed_header_shapes_a_page_served_to_others() {
         let attacked = site.get(path.as_bytes(), &[(name, value)]).await;
         assert_eq!(attacked.status, 200, "{name}: {value}");
         through_nginx += 1;
-        site.cache.wait_for_writes().await;
+        site.cache().wait_for_writes().await;
         let body = site.clean(&path).await;
         assert_clean(&format!("{name}: {value} through nginx"), &body);
         // nginx's own Host reaches the app for cacheable requests, never the client's.
@@ -166,7 +163,7 @@ async fn no_unkeyed_header_shapes_a_page_served_to_others() {
         let path = format!("/direct/{n}");
         let response = request_target(
             "GET",
-            &site.app.address(),
+            &site.stack.app().address(),
             path.as_bytes(),
             &[(name, value)],
             b"",
@@ -178,19 +175,19 @@ async fn no_unkeyed_header_shapes_a_page_served_to_others() {
             Some("BYPASS"),
             "{name}: {value}"
         );
-        site.cache.wait_for_writes().await;
+        site.cache().wait_for_writes().await;
         let key = site
-            .cache
+            .cache()
             .page_key(None, path.as_bytes())
             .expect("key")
             .escaped;
         assert!(
-            site.memcached.get_raw(&key).is_none(),
+            site.memcached().get_raw(&key).is_none(),
             "{name}: {value} stored"
         );
         direct += 1;
     }
-    let stats = site.cache.stats();
+    let stats = site.cache().stats();
     let count = |reason: mcpage::Bypass| {
         stats
             .bypass
@@ -220,9 +217,13 @@ async fn non_canonical_targets_are_served_but_never_stored_under_the_canonical_k
     ] {
         let response = site.get(raw.as_bytes(), &[]).await;
         assert_eq!(response.status, 200, "{raw}");
-        site.cache.wait_for_writes().await;
-        let key = site.cache.page_key(None, b"/posts/1").expect("key").escaped;
-        if let Some((_, stored)) = site.memcached.get_raw(&key) {
+        site.cache().wait_for_writes().await;
+        let key = site
+            .cache()
+            .page_key(None, b"/posts/1")
+            .expect("key")
+            .escaped;
+        if let Some((_, stored)) = site.memcached().get_raw(&key) {
             let stored = String::from_utf8_lossy(&stored).into_owned();
             assert!(
                 stored.starts_with("target=/posts/1\n"),
@@ -263,14 +264,14 @@ proptest! {
             let site = Site::start().await;
             for pieces in &targets {
                 let target = format!("/{}", pieces.concat());
-                let _ = request_target("GET", site.nginx.address(), target.as_bytes(), &[], b"").await;
+                let _ = request_target("GET", site.stack.nginx().address(), target.as_bytes(), &[], b"").await;
             }
-            site.cache.wait_for_writes().await;
-            for key in site.memcached.keys() {
+            site.cache().wait_for_writes().await;
+            for key in site.memcached().keys() {
                 if key.starts_with(b"mcpage:") {
                     continue; // the tag index and clocks
                 }
-                let Some((_, stored)) = site.memcached.get_raw(&key) else {
+                let Some((_, stored)) = site.memcached().get_raw(&key) else {
                     continue;
                 };
                 let stored = String::from_utf8_lossy(&stored).into_owned();
@@ -280,7 +281,7 @@ proptest! {
                     .and_then(|line| line.strip_prefix("target="))
                     .unwrap_or_default()
                     .to_owned();
-                let page = site.cache.page_key(None, answered.as_bytes());
+                let page = site.cache().page_key(None, answered.as_bytes());
                 prop_assert!(
                     page.as_ref().is_ok_and(|page| page.escaped == key
                         && mcpage::key::is_canonical_path(answered.as_bytes(), &page.uri)),

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use axum::Router;
 use axum::extract::{OriginalUri, State};
 use axum::http::header;
-use mcpage::{Cache, CacheTags, Config, PageCacheLayer};
-use mcpage_tests::{Memcached, XorShift, env_count};
+use mcpage::{CacheTags, PageCacheLayer};
+use mcpage_tests::{Stack, env_count};
 use tower::ServiceExt;
 
 const PAGES: usize = 16;
@@ -27,18 +27,17 @@ async fn yield_times(n: u64) {
 }
 
 /// A cache on one fresh memcached, patient enough for a loaded machine.
-async fn cache_on_one_memcached() -> (Memcached, Cache) {
-    let memcached = Memcached::start();
-    let mut config = Config::default();
-    config.memcached.servers = vec![mcpage::ServerSpec::new(memcached.address())];
-    config.memcached.timeout_ms = 2_000;
-    let cache = Cache::connect(&config).await.expect("cache");
-    (memcached, cache)
+async fn cache_on_one_memcached() -> Stack {
+    Stack::builder()
+        .config(|c| c.memcached.timeout_ms = 2_000)
+        .start()
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_stale_page_survives_concurrent_invalidation() {
-    let (memcached, cache) = cache_on_one_memcached().await;
+    let stack = cache_on_one_memcached().await;
+    let (memcached, cache) = (&stack.memcached()[0], stack.cache());
 
     // The "database": one version number every page shows.
     let version = Arc::new(AtomicU64::new(0));
@@ -60,7 +59,7 @@ async fn no_stale_page_survives_concurrent_invalidation() {
         // Every render must race on its own; single-flight would only hide races.
         .layer(PageCacheLayer::new(cache.clone()).single_flight(false));
 
-    let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+    let mut rng = fastrand::Rng::with_seed(0x9E37_79B9_7F4A_7C15);
     let rounds = rounds();
     let mut stale = 0usize;
     let mut stored_checked = 0usize;
@@ -68,8 +67,8 @@ async fn no_stale_page_survives_concurrent_invalidation() {
     for round in 0..rounds {
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..RENDERS_PER_ROUND {
-            let path = format!("/p/{}", rng.below(PAGES as u64));
-            let delay = rng.below(8);
+            let path = format!("/p/{}", rng.u64(..PAGES as u64));
+            let delay = rng.u64(..8);
             let router = router.clone();
             tasks.spawn(async move {
                 yield_times(delay).await;
@@ -80,7 +79,7 @@ async fn no_stale_page_survives_concurrent_invalidation() {
             });
         }
         // The writer: commit, then invalidate, racing the renders.
-        let writer_delay = rng.below(8);
+        let writer_delay = rng.u64(..8);
         let writer = {
             let version = Arc::clone(&version);
             let cache = cache.clone();
@@ -140,7 +139,8 @@ async fn no_stale_page_survives_concurrent_invalidation() {
 async fn no_request_after_an_invalidation_gets_an_older_shared_render() {
     const SHARED_PAGES: u64 = 4;
     const REQUESTS_PER_ROUND: usize = 16;
-    let (_memcached, cache) = cache_on_one_memcached().await;
+    let stack = cache_on_one_memcached().await;
+    let cache = stack.cache();
 
     let version = Arc::new(AtomicU64::new(0));
     let router = Router::new()
@@ -159,14 +159,14 @@ async fn no_request_after_an_invalidation_gets_an_older_shared_render() {
     // once its invalidation has returned.
     let confirmed = Arc::new(AtomicU64::new(0));
 
-    let mut rng = XorShift(0x2545_F491_4F6C_DD1D);
+    let mut rng = fastrand::Rng::with_seed(0x2545_F491_4F6C_DD1D);
     let rounds = rounds();
     let mut older = 0usize;
     for round in 0..rounds {
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..REQUESTS_PER_ROUND {
-            let path = format!("/s/{}", rng.below(SHARED_PAGES));
-            let delay = rng.below(24);
+            let path = format!("/s/{}", rng.u64(..SHARED_PAGES));
+            let delay = rng.u64(..24);
             let router = router.clone();
             let confirmed = Arc::clone(&confirmed);
             tasks.spawn(async move {
@@ -186,7 +186,7 @@ async fn no_request_after_an_invalidation_gets_an_older_shared_render() {
                 (floor, seen)
             });
         }
-        let writer_delay = rng.below(16);
+        let writer_delay = rng.u64(..16);
         let writer = {
             let version = Arc::clone(&version);
             let confirmed = Arc::clone(&confirmed);

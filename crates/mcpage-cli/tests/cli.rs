@@ -4,15 +4,15 @@
 
 use std::collections::HashSet;
 use std::io::Write;
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Instant;
 
+use mcpage::Config;
 use mcpage::ServerSpec;
 use mcpage::ring::Hashing;
-use mcpage::{Cache, Config};
-use mcpage_tests::{INSTALL_HINT, Memcached, Nginx, TempDir, free_addr};
+use mcpage_tests::{INSTALL_HINT, Memcached, Nginx, Stack, free_addr, temp_dir};
+use tempfile::TempDir;
 
 // ---------------------------------------------------------------------------
 // helpers
@@ -54,7 +54,7 @@ impl Run {
 /// Run `mcpage --config CONFIG ARGS...` (with `stdin` when given), in an empty
 /// working directory and without `MCPAGE_*` variables from the environment.
 fn mcpage(config: &Path, args: &[&str], stdin: Option<&[u8]>) -> Run {
-    let cwd = TempDir::new("cwd");
+    let cwd = temp_dir("cwd");
     let mut command = Command::new(env!("CARGO_BIN_EXE_mcpage"));
     command
         .arg("--config")
@@ -111,9 +111,13 @@ fn config_for(servers: &[&Memcached]) -> Config {
         .iter()
         .map(|m| ServerSpec::new(m.address()))
         .collect();
-    // Generous for a loaded CI machine; still far below any test deadline.
-    config.memcached.timeout_ms = 2000;
+    patient(&mut config);
     config
+}
+
+/// Timeouts generous for a loaded CI machine; still far below any test deadline.
+fn patient(config: &mut Config) {
+    config.memcached.timeout_ms = 2000;
 }
 
 /// The first key in memcached that contains `needle`.
@@ -153,7 +157,7 @@ fn nginx_examples_are_current() {
 fn nginx_examples_pass_nginx_t() {
     let root = workspace_root();
     for name in EXAMPLES {
-        let dir = TempDir::new("nginx-t");
+        let dir = temp_dir("nginx-t");
         let toml = root.join(format!("nginx/{name}.toml"));
         let prefix_dir = dir.path().to_str().expect("utf-8 temp dir");
         let run = mcpage(
@@ -191,7 +195,7 @@ fn nginx_examples_pass_nginx_t() {
 
 #[test]
 fn nginx_full_needs_a_prefix_dir() {
-    let dir = TempDir::new("config");
+    let dir = temp_dir("config");
     let config = write_config(&dir, "mcpage.toml", &Config::default());
     let run = mcpage(&config, &["nginx", "--full"], None);
     assert_eq!(run.code, Some(2), "{}", run.both());
@@ -250,27 +254,10 @@ for line in sys.stdin:
 sys.stdout.write("\n".join(out) + "\n")
 "#;
 
-/// splitmix64: deterministic, dependency-free.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 /// A request target biased towards what normalization and escaping care
 /// about. Never a raw CR or LF (one target per line); raw bytes 0x80-0xFF and
 /// UTF-8 are included (stdin is read as bytes).
-fn generate_target(rng: &mut Rng) -> Vec<u8> {
+fn generate_target(rng: &mut fastrand::Rng) -> Vec<u8> {
     const TOKENS: &[&[u8]] = &[
         b"/",
         b"/",
@@ -319,7 +306,7 @@ fn generate_target(rng: &mut Rng) -> Vec<u8> {
         b"private",
     ];
     let mut target = Vec::new();
-    if rng.below(20) == 0 {
+    if rng.usize(..20) == 0 {
         target.extend_from_slice(b"/private/");
     } else {
         target.push(b'/');
@@ -344,21 +331,21 @@ fn generate_target(rng: &mut Rng) -> Vec<u8> {
         b"+",
         b"-",
     ];
-    if rng.below(10) == 0 {
-        for _ in 0..60 + rng.below(140) {
-            target.extend_from_slice(LONG[rng.below(LONG.len())]);
+    if rng.usize(..10) == 0 {
+        for _ in 0..60 + rng.usize(..140) {
+            target.extend_from_slice(LONG[rng.usize(..LONG.len())]);
         }
         return target;
     }
-    for _ in 0..rng.below(14) {
-        match rng.below(24) {
-            0 => target.push(0x80 + rng.below(0x80) as u8),
-            1 => target.push(b"0123456789abcdefABCDEF"[rng.below(22)]),
+    for _ in 0..rng.usize(..14) {
+        match rng.usize(..24) {
+            0 => target.push(rng.u8(0x80..)),
+            1 => target.push(b"0123456789abcdefABCDEF"[rng.usize(..22)]),
             2 => {
-                let byte = rng.below(256) as u8;
+                let byte = rng.u8(..);
                 target.extend_from_slice(format!("%{byte:02X}").as_bytes());
             }
-            _ => target.extend_from_slice(TOKENS[rng.below(TOKENS.len())]),
+            _ => target.extend_from_slice(TOKENS[rng.usize(..TOKENS.len())]),
         }
     }
     target
@@ -389,10 +376,10 @@ fn explain_agrees_with_the_reference_model() {
         .collect();
     config.keys.prefix = "pg:".into();
     config.cache.exclude = vec!["^/private/".into()];
-    let dir = TempDir::new("explain");
+    let dir = temp_dir("explain");
     let config_path = write_config(&dir, "mcpage.toml", &config);
 
-    let mut rng = Rng(0x6d63_7061_6765);
+    let mut rng = fastrand::Rng::with_seed(0x6d63_7061_6765);
     let targets: Vec<Vec<u8>> = (0..10_000).map(|_| generate_target(&mut rng)).collect();
     let mut stdin = Vec::new();
     for target in &targets {
@@ -515,7 +502,7 @@ fn explain_prints_aligned_fields_without_memcached() {
     let mut config = Config::default();
     config.keys.prefix = "page:".into();
     config.memcached.servers = vec![ServerSpec::new("127.0.0.1:1")];
-    let dir = TempDir::new("explain");
+    let dir = temp_dir("explain");
     let config_path = write_config(&dir, "mcpage.toml", &config);
     let run = mcpage(
         &config_path,
@@ -577,11 +564,10 @@ fn explain_prints_aligned_fields_without_memcached() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalidate_reports_what_it_removed() {
-    let mut memcached = Memcached::start();
-    let config = config_for(&[&memcached]);
-    let dir = TempDir::new("invalidate");
-    let config_path = write_config(&dir, "mcpage.toml", &config);
-    let cache = Cache::connect(&config).await.expect("connect");
+    let stack = Stack::builder().config(patient).start().await;
+    let (memcached, cache) = (&stack.memcached()[0], stack.cache());
+    let dir = temp_dir("invalidate");
+    let config_path = write_config(&dir, "mcpage.toml", stack.config());
     for (target, tags) in [
         ("/a", &["t1"][..]),
         ("/b", &["t1", "t2"][..]),
@@ -669,14 +655,15 @@ async fn invalidate_reports_what_it_removed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stats_reports_servers_index_evictions_and_outages() {
-    let pages = Memcached::start();
-    // A tiny index server that has to evict.
-    let mut index = Memcached::start_with(&["-m", "2"]);
-    let mut config = config_for(&[&pages]);
-    config.memcached.index_servers = vec![ServerSpec::new(index.address())];
-    let dir = TempDir::new("stats");
-    let config_path = write_config(&dir, "mcpage.toml", &config);
-    let cache = Cache::connect(&config).await.expect("connect");
+    let stack = Stack::builder()
+        // A tiny index server that has to evict.
+        .index_server(&["-m", "2"])
+        .config(patient)
+        .start()
+        .await;
+    let (pages, index, cache) = (&stack.memcached()[0], stack.index(), stack.cache());
+    let dir = temp_dir("stats");
+    let config_path = write_config(&dir, "mcpage.toml", stack.config());
     for n in 0..3 {
         cache
             .store_page(&format!("/p/{n}"), "<p>page</p>", ["all", "p"])
@@ -756,7 +743,7 @@ fn check_setup() -> (Memcached, Memcached, Config) {
 }
 
 fn check(config: &Config, nginx_address: &str) -> Run {
-    let dir = TempDir::new("check");
+    let dir = temp_dir("check");
     let path = write_config(&dir, "mcpage.toml", config);
     let url = format!("http://{nginx_address}");
     mcpage(&path, &["check", "--url", &url], None)
@@ -831,71 +818,11 @@ fn check_finds_a_different_ring() {
     assert_no_probes(&[&a, &b]);
 }
 
-/// nginx from a hand-written config, stopped on drop.
-struct RawNginx {
-    child: Child,
-    dir: TempDir,
-}
-
-impl RawNginx {
-    fn start(listen: &str, config_text: impl FnOnce(&Path) -> String) -> RawNginx {
-        let dir = TempDir::new("raw-nginx");
-        let conf = dir.path().join("nginx.conf");
-        std::fs::write(&conf, config_text(dir.path())).expect("write nginx.conf");
-        let child = Command::new("nginx")
-            .arg("-p")
-            .arg(format!("{}/", dir.path().display()))
-            .arg("-c")
-            .arg(&conf)
-            .arg("-e")
-            .arg(dir.path().join("error.log"))
-            .args(["-g", "daemon off;"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    panic!("`nginx` is not installed: {INSTALL_HINT}");
-                }
-                panic!("cannot start nginx: {e}");
-            });
-        let mut nginx = RawNginx { child, dir };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while TcpStream::connect(listen).is_err() {
-            if let Ok(Some(status)) = nginx.child.try_wait() {
-                panic!(
-                    "nginx exited ({status}):\n{}",
-                    std::fs::read_to_string(nginx.dir.path().join("error.log")).unwrap_or_default()
-                );
-            }
-            assert!(Instant::now() < deadline, "nginx not listening on {listen}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        nginx
-    }
-}
-
-impl Drop for RawNginx {
-    fn drop(&mut self) {
-        // SIGTERM lets the master stop its workers.
-        let _ = Command::new("kill")
-            .args(["-s", "TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn check_sees_nginx_not_asking_memcached() {
     let (a, b, config) = check_setup();
     let listen = config.nginx.listen.clone();
-    let nginx = RawNginx::start(&listen, |dir| {
+    let nginx = Nginx::start_with(&listen, |dir| {
         let d = dir.display();
         format!(
             "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
@@ -924,7 +851,7 @@ fn check_warns_without_a_keepalive_pool() {
     config.nginx.keepalive = 77;
     let listen = config.nginx.listen.clone();
     let rendered = config.clone();
-    let _nginx = RawNginx::start(&listen, |dir| {
+    let _nginx = Nginx::start_with(&listen, |dir| {
         let text = mcpage::nginx::render_nginx_full(&rendered, dir);
         assert!(text.contains("    keepalive 77;\n"), "{text}");
         text.replace("    keepalive 77;\n", "")
@@ -952,7 +879,6 @@ fn check_fails_clearly_when_nginx_or_memcached_is_not_there() {
     assert_no_probes(&[&a, &b]);
 
     // A page server that is down: named, in one line, and nothing left behind.
-    let mut b = b;
     b.stop();
     let run = check(&config, &free_addr());
     assert_eq!(run.code, Some(1), "{}", run.both());

@@ -10,12 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use mcpage::Config;
-use mcpage::ServerSpec;
-use mcpage_tests::{
-    Memcached, Nginx, Response, TempDir, free_addr, free_port, get, request, wait_until,
-};
+use mcpage_tests::{Response, Stack, free_addr, free_port, get, request, temp_dir, wait_until};
 use serde_json::{Value, json};
+use tempfile::TempDir;
 
 /// Longest wait for a process to come up or for a background write to land.
 const DEADLINE: Duration = Duration::from_secs(15);
@@ -339,20 +336,19 @@ struct Setup<'a> {
     env: &'a [(&'a str, &'a str)],
 }
 
-// Fields drop in order: nginx and the proxy stop before what they talk to.
+// Fields drop in order: the proxy stops before what it talks to.
 struct Env {
-    nginx: Nginx,
     proxy: Proxy,
     backend: Option<Backend>,
-    memcached: Vec<Memcached>,
+    /// Two page servers, and nginx in front of the proxy.
+    stack: Stack,
     upstream_port: u16,
     dir: TempDir,
 }
 
 impl Env {
     async fn start(setup: Setup<'_>) -> Env {
-        let dir = TempDir::new("proxy");
-        let memcached = vec![Memcached::start(), Memcached::start()];
+        let dir = temp_dir("proxy");
         let backend = (!setup.no_backend).then(|| Backend::start(dir.path(), 0));
         let upstream_port = match &backend {
             Some(backend) => backend
@@ -365,29 +361,31 @@ impl Env {
         let upstream = format!("http://127.0.0.1:{upstream_port}");
         let listen = free_addr();
 
-        let mut config = Config::default();
-        config.memcached.servers = memcached
-            .iter()
-            .map(|m| ServerSpec::new(m.address()))
-            .collect();
-        config.nginx.listen = free_addr();
-        config.nginx.app = listen.clone();
-        config.proxy.invalidate_token = setup.token_in_file.map(str::to_owned);
+        let stack = Stack::builder()
+            .page_servers(2)
+            .app_at(&listen)
+            .config(|config| {
+                config.proxy.invalidate_token = setup.token_in_file.map(str::to_owned);
+                if setup.flags {
+                    // The config file says otherwise; the flags win.
+                    config.proxy.listen = free_addr();
+                    config.proxy.upstream = "http://127.0.0.1:1".to_owned();
+                } else {
+                    config.proxy.listen = listen.clone();
+                    config.proxy.upstream = upstream.clone();
+                }
+            })
+            .start()
+            .await;
         let mut args: Vec<&str> = Vec::new();
         if setup.flags {
-            // The config file says otherwise; the flags win.
-            config.proxy.listen = free_addr();
-            config.proxy.upstream = "http://127.0.0.1:1".to_owned();
             args.extend(["--listen", &listen, "--upstream", &upstream]);
-        } else {
-            config.proxy.listen = listen.clone();
-            config.proxy.upstream = upstream.clone();
         }
         args.extend(setup.args);
         let config_file = dir.path().join("mcpage.toml");
         std::fs::write(
             &config_file,
-            toml::to_string(&config).expect("config as TOML"),
+            toml::to_string(stack.config()).expect("config as TOML"),
         )
         .expect("write mcpage.toml");
         let env: Vec<(&str, &str)> = setup
@@ -397,12 +395,10 @@ impl Env {
             .chain(setup.env.iter().copied())
             .collect();
         let proxy = Proxy::start(&config_file, &listen, &args, &env).await;
-        let nginx = Nginx::start(&config);
         Env {
-            nginx,
             proxy,
             backend,
-            memcached,
+            stack,
             upstream_port,
             dir,
         }
@@ -432,7 +428,7 @@ impl Env {
 
     /// `GET path` through nginx, as a browser without cookies.
     async fn page(&self, path: &str) -> Response {
-        let response = get(&self.nginx.url(path), &[]).await;
+        let response = get(&self.stack.nginx().url(path), &[]).await;
         assert!(
             response.header("x-cache-tags").is_none(),
             "X-Cache-Tags reached the client: {response:?}"
@@ -442,7 +438,8 @@ impl Env {
 
     /// Is the page for `path` in memcached (on either server)?
     fn stored(&self, path: &str) -> bool {
-        self.memcached
+        self.stack
+            .memcached()
             .iter()
             .any(|m| m.get_raw(path.as_bytes()).is_some())
     }
@@ -529,8 +526,8 @@ async fn pages_are_served_by_nginx_and_invalidated_over_http() {
             "mcpage proxy listening on http://{}, upstream http://127.0.0.1:{}, memcached {}, {}",
             env.proxy.address,
             env.upstream_port,
-            env.memcached[0].address(),
-            env.memcached[1].address()
+            env.stack.memcached()[0].address(),
+            env.stack.memcached()[1].address()
         )),
         "{log}"
     );
@@ -641,7 +638,7 @@ async fn pages_are_served_by_nginx_and_invalidated_over_http() {
     // A tag and a URL, through nginx from loopback; the token from the config file.
     let done = env
         .invalidate(
-            &env.nginx.url("/_mcpage/invalidate"),
+            &env.stack.nginx().url("/_mcpage/invalidate"),
             Some(TOKEN),
             &json!({"tags": ["article:1"], "urls": ["/about"]}),
         )
@@ -709,7 +706,7 @@ async fn pages_are_served_by_nginx_and_invalidated_over_http() {
         metric(&metrics, "mcpage_bypass_total{reason=\"session\"}"),
         0
     );
-    for m in &env.memcached {
+    for m in env.stack.memcached() {
         let server = m.address();
         assert_eq!(
             metric(
@@ -740,7 +737,7 @@ async fn pages_are_served_by_nginx_and_invalidated_over_http() {
 /// and invalidation says it failed.
 #[tokio::test]
 async fn posts_sessions_and_cookies_bypass_and_memcached_outages_fail_open() {
-    let mut env = Env::start(Setup {
+    let env = Env::start(Setup {
         token_in_env: Some(TOKEN),
         ..Setup::default()
     })
@@ -748,7 +745,7 @@ async fn posts_sessions_and_cookies_bypass_and_memcached_outages_fail_open() {
 
     let post = request(
         "POST",
-        &env.nginx.url("/articles/1/comments"),
+        &env.stack.nginx().url("/articles/1/comments"),
         &[("Content-Type", "application/x-www-form-urlencoded")],
         b"text=hello+world",
     )
@@ -760,7 +757,7 @@ async fn posts_sessions_and_cookies_bypass_and_memcached_outages_fail_open() {
     // A session cookie: never cached, never answered from memcached.
     let session = [("Cookie", "theme=dark; sessionid=abc123")];
     for n in 1..=2 {
-        let response = get(&env.nginx.url("/articles/3"), &session).await;
+        let response = get(&env.stack.nginx().url("/articles/3"), &session).await;
         assert_cache(&response, "BYPASS");
         assert!(response.header("x-cache-tags").is_none());
         assert_eq!(env.count("/articles/3").await, n);
@@ -772,7 +769,7 @@ async fn posts_sessions_and_cookies_bypass_and_memcached_outages_fail_open() {
     assert_cache(&env.page("/articles/3").await, "HIT");
     assert_eq!(env.count("/articles/3").await, 3);
     assert_cache(
-        &get(&env.nginx.url("/articles/3"), &session).await,
+        &get(&env.stack.nginx().url("/articles/3"), &session).await,
         "BYPASS",
     );
     assert_eq!(env.count("/articles/3").await, 4);
@@ -835,7 +832,7 @@ async fn posts_sessions_and_cookies_bypass_and_memcached_outages_fail_open() {
     // memcached goes away: pages are still served (not cached), invalidation fails loudly.
     assert_cache(&env.page("/about").await, "MISS");
     env.wait_stored("/about").await;
-    for m in &mut env.memcached {
+    for m in env.stack.memcached() {
         m.stop();
     }
     for n in 2..=8 {
@@ -878,7 +875,8 @@ async fn posts_sessions_and_cookies_bypass_and_memcached_outages_fail_open() {
         "{metrics}"
     );
     let errors: u64 = env
-        .memcached
+        .stack
+        .memcached()
         .iter()
         .map(|m| {
             metric(
@@ -909,7 +907,10 @@ async fn backend_down_gives_502_and_the_proxy_survives() {
         "mcpage proxy: upstream http://127.0.0.1:{} unreachable: connection refused\n",
         env.upstream_port
     );
-    for url in [env.nginx.url("/articles/1"), env.proxy.url("/articles/1")] {
+    for url in [
+        env.stack.nginx().url("/articles/1"),
+        env.proxy.url("/articles/1"),
+    ] {
         let response = get(&url, &[]).await;
         assert_eq!(response.status, 502, "{url}");
         assert_eq!(response.text(), expected, "{url}");
@@ -1038,14 +1039,17 @@ async fn requests_are_forwarded_faithfully_and_shutdown_is_graceful() {
     assert_eq!(response.header("x-cache"), Some("BYPASS"));
 
     // Through nginx: nginx's forwarded headers arrive, with nginx's address appended.
-    let response = get(&env.nginx.url("/echo/nginx"), &[]).await;
+    let response = get(&env.stack.nginx().url("/echo/nginx"), &[]).await;
     let echo: Value = serde_json::from_slice(&response.body).expect("echo JSON");
     assert_eq!(
         echo["headers"]["x-forwarded-for"],
         json!(["127.0.0.1, 127.0.0.1"])
     );
     assert_eq!(echo["headers"]["x-forwarded-proto"], json!(["http"]));
-    assert_eq!(echo["headers"]["host"], json!([env.nginx.address()]));
+    assert_eq!(
+        echo["headers"]["host"],
+        json!([env.stack.nginx().address()])
+    );
 
     // Bodies stream both ways: chunked in, and a large one with a length.
     let chunked = request(

@@ -2,6 +2,7 @@
 //! 2,000 comments, always the same (a fixed-seed PRNG and fixed dates), so
 //! tests, benchmarks and screenshots agree from one run to the next.
 
+use fastrand::Rng;
 use rusqlite::{Transaction, params};
 
 /// Articles in the seed.
@@ -191,27 +192,9 @@ const COMMENT_LINES: &[&str] = &[
     "Any plans for a follow-up?",
 ];
 
-/// SplitMix64: small, fast and the same on every machine.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// A number in `0..n` (`n > 0`).
-    fn below(&mut self, n: usize) -> usize {
-        // The modulo bias is irrelevant for seed data.
-        (self.next() % n as u64) as usize
-    }
-
-    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-        items[self.below(items.len())]
-    }
+/// One of `items`.
+fn pick<'a>(rng: &mut Rng, items: &[&'a str]) -> &'a str {
+    items[rng.usize(..items.len())]
 }
 
 fn capitalize(text: &str) -> String {
@@ -225,11 +208,11 @@ fn capitalize(text: &str) -> String {
 fn sentence(rng: &mut Rng) -> String {
     format!(
         "{}, {} {} {} {}",
-        rng.pick(OPENERS),
-        rng.pick(SUBJECTS),
-        rng.pick(VERBS),
-        rng.pick(OBJECTS),
-        rng.pick(CLOSERS)
+        pick(rng, OPENERS),
+        pick(rng, SUBJECTS),
+        pick(rng, VERBS),
+        pick(rng, OBJECTS),
+        pick(rng, CLOSERS)
     )
 }
 
@@ -242,7 +225,7 @@ fn paragraph(rng: &mut Rng, sentences: usize) -> String {
 
 /// Create every row of the seed in `tx` (the schema exists, the tables are empty).
 pub(crate) fn seed(tx: &Transaction<'_>) -> rusqlite::Result<()> {
-    let mut rng = Rng(0x6D63_7061_6765_2121);
+    let mut rng = Rng::with_seed(0x6D63_7061_6765_2121);
 
     for (i, (slug, name, description, _)) in CATEGORIES.iter().enumerate() {
         tx.execute(
@@ -283,10 +266,10 @@ pub(crate) fn seed(tx: &Transaction<'_>) -> rusqlite::Result<()> {
     // Articles: one every 3.5 days from 2023-01-02, each at a slightly different time.
     let mut seen_titles = std::collections::HashMap::<String, u32>::new();
     for id in 1..=ARTICLES {
-        let category = rng.below(CATEGORIES.len());
+        let category = rng.usize(..CATEGORIES.len());
         let (_, _, _, topics) = CATEGORIES[category];
-        let topic = rng.pick(topics);
-        let pattern = rng.pick(TITLES);
+        let topic = pick(&mut rng, topics);
+        let pattern = pick(&mut rng, TITLES);
         let base = capitalize(&pattern.replace("{}", topic));
         let count = seen_titles.entry(base.clone()).or_insert(0);
         *count += 1;
@@ -296,15 +279,15 @@ pub(crate) fn seed(tx: &Transaction<'_>) -> rusqlite::Result<()> {
             format!("{base}, part {count}")
         };
         let summary = sentence(&mut rng);
-        let paragraphs = 3 + rng.below(4);
+        let paragraphs = 3 + rng.usize(..4);
         let body = (0..paragraphs)
             .map(|_| {
-                let n = 3 + rng.below(4);
+                let n = 3 + rng.usize(..4);
                 paragraph(&mut rng, n)
             })
             .collect::<Vec<_>>()
             .join("\n\n");
-        let minutes = u64::from(id - 1) * 5_040 + rng.below(600) as u64;
+        let minutes = u64::from(id - 1) * 5_040 + rng.u64(..600);
         tx.execute(
             "INSERT INTO articles (id, title, summary, body, category_id, published_at) \
              VALUES (?1, ?2, ?3, ?4, ?5, datetime('2023-01-02 08:00:00', ?6))",
@@ -325,14 +308,14 @@ pub(crate) fn seed(tx: &Transaction<'_>) -> rusqlite::Result<()> {
          SELECT ?1, ?2, ?3, datetime(published_at, ?4) FROM articles WHERE id = ?1",
     )?;
     for _ in 0..COMMENTS {
-        let article = 1 + rng.below(ARTICLES as usize);
-        let author = rng.pick(AUTHORS);
-        let mut body = rng.pick(COMMENT_LINES).to_owned();
-        if rng.below(3) == 0 {
+        let article = 1 + rng.usize(..ARTICLES as usize);
+        let author = pick(&mut rng, AUTHORS);
+        let mut body = pick(&mut rng, COMMENT_LINES).to_owned();
+        if rng.usize(..3) == 0 {
             body.push_str("\n\n");
             body.push_str(&sentence(&mut rng));
         }
-        let minutes = 30 + rng.below(20 * 24 * 60);
+        let minutes = 30 + rng.usize(..20 * 24 * 60);
         insert.execute(params![
             article,
             author,

@@ -4,51 +4,43 @@
 
 use std::time::Duration;
 
-use mcpage::ServerSpec;
-use mcpage::{Cache, Config};
 use mcpage_demo::{ArticleMeta, Demo};
-use mcpage_tests::{App, Memcached, Nginx, Response, free_addr, get, request, wait_until};
+use mcpage_tests::{Response, request, wait_until};
 
 const DEADLINE: Duration = Duration::from_secs(10);
 
 struct Stack {
-    pages: Memcached,
-    index: Memcached,
-    nginx: Nginx,
+    /// A page server, an index server with `-M`, the demo app, nginx.
+    stack: mcpage_tests::Stack,
     demo: Demo,
-    _app: App,
 }
 
 impl Stack {
     async fn start() -> Stack {
-        let pages = Memcached::start();
-        let index = Memcached::start_with(&["-M"]);
-        let mut config = Config::default();
-        config.memcached.servers = vec![ServerSpec::new(pages.address())];
-        config.memcached.index_servers = vec![ServerSpec::new(index.address())];
-        config.memcached.timeout_ms = 1000;
-        config.cache.exclude = mcpage_demo::EXCLUDE.map(str::to_owned).to_vec();
-        config.nginx.listen = free_addr();
-        config.nginx.app = free_addr();
-        let cache = Cache::connect(&config).await.expect("cache");
-        let demo = Demo::open(":memory:", cache).expect("demo");
-        let app = App::serve_on(&config.nginx.app, mcpage_demo::app(demo.clone())).await;
-        let nginx = Nginx::start(&config);
-        Stack {
-            pages,
-            index,
-            nginx,
-            demo,
-            _app: app,
-        }
+        let mut demo = None;
+        let stack = mcpage_tests::Stack::builder()
+            .index_server(&["-M"])
+            .config(|c| {
+                c.memcached.timeout_ms = 1000;
+                c.cache.exclude = mcpage_demo::EXCLUDE.map(str::to_owned).to_vec();
+            })
+            .app(|cache| {
+                let opened = Demo::open(":memory:", cache.clone()).expect("demo");
+                demo = Some(opened.clone());
+                mcpage_demo::app(opened)
+            })
+            .start()
+            .await;
+        let demo = demo.expect("the app was built");
+        Stack { stack, demo }
     }
 
     async fn get(&self, path: &str) -> Response {
-        get(&self.nginx.url(path), &[]).await
+        self.stack.fetch(path, &[]).await
     }
 
     async fn get_as(&self, path: &str, cookie: &str) -> Response {
-        get(&self.nginx.url(path), &[("Cookie", cookie)]).await
+        self.stack.fetch(path, &[("Cookie", cookie)]).await
     }
 
     async fn post_form(&self, path: &str, cookie: Option<&str>, body: &str) -> Response {
@@ -56,11 +48,17 @@ impl Stack {
         if let Some(cookie) = cookie {
             headers.push(("Cookie", cookie));
         }
-        request("POST", &self.nginx.url(path), &headers, body.as_bytes()).await
+        request(
+            "POST",
+            &self.stack.nginx().url(path),
+            &headers,
+            body.as_bytes(),
+        )
+        .await
     }
 
     fn stored(&self, path: &str) -> Option<String> {
-        self.pages
+        self.stack.memcached()[0]
             .get_raw(path.as_bytes())
             .map(|(_, value)| String::from_utf8_lossy(&value).into_owned())
     }
@@ -117,7 +115,7 @@ impl Stack {
     /// Every value in both memcached instances.
     fn all_values(&self) -> Vec<(String, String)> {
         let mut values = Vec::new();
-        for server in [&self.pages, &self.index] {
+        for server in [&self.stack.memcached()[0], self.stack.index()] {
             for key in server.keys() {
                 if let Some((_, value)) = server.get_raw(&key) {
                     values.push((
@@ -432,7 +430,7 @@ async fn the_feed_and_the_search_are_never_cached() {
     assert!(search.contains("result"), "{search}");
 
     stack.demo.cache().wait_for_writes().await;
-    for key in stack.pages.keys() {
+    for key in stack.stack.memcached()[0].keys() {
         let key = String::from_utf8_lossy(&key).into_owned();
         assert!(
             !key.contains("feed") && !key.contains("search"),
@@ -451,13 +449,8 @@ async fn scripted_sessions_never_leak_a_user_page() {
     let mut urls = stack.demo.page_urls().await.expect("urls");
     urls.truncate(40);
     urls.push("/login".to_owned());
-    let mut rng: u64 = 0x2545_F491_4F6C_DD1D;
-    let mut next = move |n: usize| {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        (rng % n as u64) as usize
-    };
+    let mut rng = fastrand::Rng::with_seed(0x2545_F491_4F6C_DD1D);
+    let mut next = move |n: usize| rng.usize(..n);
 
     let mut sessions = Vec::new();
     let mut set_cookie_bodies = Vec::new();
