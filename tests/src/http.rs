@@ -68,7 +68,8 @@ pub async fn try_request(
 }
 
 /// The request target as raw bytes (it may be anything, even invalid UTF-8):
-/// `authority` is `host:port`.
+/// `authority` is `host:port`, or `unix:/path` for a unix socket (then `Host`
+/// defaults to `localhost`).
 pub async fn request_target(
     method: &str,
     authority: &str,
@@ -82,8 +83,14 @@ pub async fn request_target(
     head.push(b' ');
     head.extend_from_slice(target);
     head.extend_from_slice(b" HTTP/1.1\r\n");
+    let socket = authority.strip_prefix("unix:");
     if !has("host") {
-        head.extend_from_slice(format!("Host: {authority}\r\n").as_bytes());
+        let host = if socket.is_some() {
+            "localhost"
+        } else {
+            authority
+        };
+        head.extend_from_slice(format!("Host: {host}\r\n").as_bytes());
     }
     for (name, value) in headers {
         head.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
@@ -101,6 +108,13 @@ pub async fn request_target(
     head.extend_from_slice(body);
 
     let exchange = async {
+        if let Some(path) = socket {
+            let mut stream = tokio::net::UnixStream::connect(path)
+                .await
+                .with_context(|| format!("connect to {authority}"))?;
+            stream.write_all(&head).await.context("send request")?;
+            return read_response(&mut stream, method == "HEAD").await;
+        }
         let mut stream = tokio::net::TcpStream::connect(authority)
             .await
             .with_context(|| format!("connect to {authority}"))?;
@@ -113,7 +127,7 @@ pub async fn request_target(
 }
 
 async fn read_response(
-    stream: &mut tokio::net::TcpStream,
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
     head_request: bool,
 ) -> anyhow::Result<Response> {
     let mut buf = Vec::with_capacity(8192);
@@ -192,7 +206,7 @@ async fn read_response(
 }
 
 async fn read_chunked(
-    stream: &mut tokio::net::TcpStream,
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
     mut buf: Vec<u8>,
 ) -> anyhow::Result<Vec<u8>> {
     let mut body = Vec::new();

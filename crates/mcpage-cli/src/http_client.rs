@@ -31,9 +31,24 @@ where
     B: Body + Send,
     B::Data: Send,
 {
+    client_with(tcp_connector(connect_timeout), reuse)
+}
+
+/// TCP connections with `TCP_NODELAY`, given up after `connect_timeout`.
+pub(crate) fn tcp_connector(connect_timeout: Duration) -> HttpConnector {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(connect_timeout));
+    connector
+}
+
+/// An HTTP/1.1 client over any connector (TCP, a unix socket).
+pub(crate) fn client_with<C, B>(connector: C, reuse: Reuse) -> Client<C, B>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone,
+    B: Body + Send,
+    B::Data: Send,
+{
     let mut builder = Client::builder(TokioExecutor::new());
     match reuse {
         Reuse::Never => builder.pool_max_idle_per_host(0),

@@ -69,7 +69,15 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):
         sys.stderr.write("backend: " + (format % args) + "\n")
 
+    def setup(self):
+        super().setup()
+        self.answered = 0  # responses on this connection
+
+    def address_string(self):
+        return str(self.client_address or "unix")
+
     def reply(self, status, body, content_type="text/html; charset=utf-8", headers=()):
+        self.answered += 1
         data = body.encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -98,9 +106,24 @@ class Handler(BaseHTTPRequestHandler):
                 self.rfile.readline()
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
+    def dropped(self, path):
+        """`/flaky/...` on a reused connection: close it without a response
+        byte, as a backend does whose keep-alive timer fires as the request
+        arrives."""
+        if path.startswith("/flaky/") and self.answered > 0:
+            self.count(path)
+            self.close_connection = True
+            return True
+        return False
+
     def do_GET(self):
         url = urlsplit(self.path)
         path = url.path
+        if self.dropped(path):
+            return
+        if path.startswith("/flaky/"):
+            n = self.count(path)
+            return self.reply(200, f"flaky {n}", "text/plain")
         if path == "/__count":
             wanted = parse_qs(url.query).get("path", [""])[0]
             with LOCK:
@@ -134,13 +157,33 @@ class Handler(BaseHTTPRequestHandler):
                                        ("X-Kept", "yes")])
         return self.reply(404, "not found", "text/plain")
 
+    do_HEAD = do_GET
+
     def do_POST(self):
-        self.count(urlsplit(self.path).path)
         body = self.read_body()
+        if self.dropped(urlsplit(self.path).path):
+            return
+        self.count(urlsplit(self.path).path)
         self.reply(200, f"POST {self.path}: {len(body)} bytes", "text/plain")
 
 
-port_file, port = sys.argv[1], int(sys.argv[2])
+# backend.py PORT_FILE (PORT | unix:PATH) [IDLE_SECONDS]: with a socket, the
+# pages are served there and the counts on a free TCP port; with IDLE_SECONDS,
+# a connection idle that long is closed (like gunicorn's keep-alive timeout).
+port_file, where = sys.argv[1], sys.argv[2]
+if len(sys.argv) > 3:
+    Handler.timeout = float(sys.argv[3])
+port = 0
+if where.startswith("unix:"):
+    import socketserver
+
+    class UnixServer(socketserver.ThreadingUnixStreamServer):
+        daemon_threads = True
+
+    unix = UnixServer(where[len("unix:"):], Handler)
+    threading.Thread(target=unix.serve_forever, daemon=True).start()
+else:
+    port = int(where)
 server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
 server.daemon_threads = True
 with open(port_file + ".tmp", "w") as f:
@@ -149,24 +192,39 @@ os.replace(port_file + ".tmp", port_file)
 server.serve_forever()
 "#;
 
-/// The Python backend on a loopback port, killed on drop.
+/// The Python backend on a loopback port or a unix socket, killed on drop.
 struct Backend {
     child: Child,
+    /// `127.0.0.1:PORT`: where `count` asks.
     address: String,
+    /// What the proxy forwards to: `http://127.0.0.1:PORT` or `unix:/path`.
+    upstream: String,
+    log: PathBuf,
 }
 
 impl Backend {
     /// Start on `port` (0: any free port) and wait until it listens.
     fn start(dir: &Path, port: u16) -> Backend {
+        Backend::start_on(dir, &port.to_string(), None)
+    }
+
+    /// Start on `where_` (a port, or `unix:/path`), closing connections idle
+    /// for `idle_secs`; wait until it listens.
+    fn start_on(dir: &Path, where_: &str, idle_secs: Option<f64>) -> Backend {
         let script = dir.join("backend.py");
         std::fs::write(&script, BACKEND_PY).expect("write backend.py");
-        let port_file = dir.join(format!("backend-{port}.port"));
-        let log_path = dir.join(format!("backend-{port}.log"));
+        let name: String = where_
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        let port_file = dir.join(format!("backend-{name}.port"));
+        let log_path = dir.join(format!("backend-{name}.log"));
         let log = File::create(&log_path).expect("create backend log");
         let mut child = Command::new("python3")
             .arg(&script)
             .arg(&port_file)
-            .arg(port.to_string())
+            .arg(where_)
+            .args(idle_secs.map(|s| s.to_string()))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)
@@ -183,9 +241,17 @@ impl Backend {
         loop {
             if let Ok(text) = std::fs::read_to_string(&port_file) {
                 let port: u16 = text.trim().parse().expect("backend port");
+                let address = format!("127.0.0.1:{port}");
+                let upstream = if where_.starts_with("unix:") {
+                    where_.to_owned()
+                } else {
+                    format!("http://{address}")
+                };
                 return Backend {
                     child,
-                    address: format!("127.0.0.1:{port}"),
+                    address,
+                    upstream,
+                    log: log_path,
                 };
             }
             if let Ok(Some(status)) = child.try_wait() {
@@ -260,8 +326,7 @@ impl Proxy {
                 proxy.child = None;
                 panic!("mcpage proxy exited ({status}):\n{}", proxy.log());
             }
-            let health = proxy.url("/_mcpage/health");
-            if let Ok(response) = mcpage_tests::try_request("GET", &health, &[], b"").await {
+            if let Ok(response) = proxy.try_request("GET", "/_mcpage/health", &[], b"").await {
                 if response.status == 200 {
                     return proxy;
                 }
@@ -277,6 +342,29 @@ impl Proxy {
 
     fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.address)
+    }
+
+    /// A request to the proxy itself, on a TCP address or its unix socket.
+    async fn try_request(
+        &self,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> anyhow::Result<Response> {
+        mcpage_tests::request_target(method, &self.address, target.as_bytes(), headers, body).await
+    }
+
+    async fn request(
+        &self,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Response {
+        self.try_request(method, target, headers, body)
+            .await
+            .unwrap_or_else(|e| panic!("{method} {target} to the proxy: {e:#}"))
     }
 
     fn log(&self) -> String {
@@ -334,6 +422,10 @@ struct Setup<'a> {
     args: &'a [&'a str],
     /// More environment variables for `mcpage proxy`.
     env: &'a [(&'a str, &'a str)],
+    /// Unix sockets from nginx to the proxy and from the proxy to the backend.
+    unix: bool,
+    /// The backend closes connections idle this long (seconds).
+    backend_idle_secs: Option<f64>,
 }
 
 // Fields drop in order: the proxy stops before what it talks to.
@@ -349,7 +441,14 @@ struct Env {
 impl Env {
     async fn start(setup: Setup<'_>) -> Env {
         let dir = temp_dir("proxy");
-        let backend = (!setup.no_backend).then(|| Backend::start(dir.path(), 0));
+        let socket = |name: &str| format!("unix:{}", dir.path().join(name).display());
+        let backend_on = if setup.unix {
+            socket("backend.sock")
+        } else {
+            "0".to_owned()
+        };
+        let backend = (!setup.no_backend)
+            .then(|| Backend::start_on(dir.path(), &backend_on, setup.backend_idle_secs));
         let upstream_port = match &backend {
             Some(backend) => backend
                 .address
@@ -358,8 +457,16 @@ impl Env {
             None => Some(free_port()),
         }
         .expect("upstream port");
-        let upstream = format!("http://127.0.0.1:{upstream_port}");
-        let listen = free_addr();
+        let upstream = match &backend {
+            Some(backend) => backend.upstream.clone(),
+            None if setup.unix => backend_on.clone(),
+            None => format!("http://127.0.0.1:{upstream_port}"),
+        };
+        let listen = if setup.unix {
+            socket("proxy.sock")
+        } else {
+            free_addr()
+        };
 
         let stack = Stack::builder()
             .page_servers(2)
@@ -466,7 +573,10 @@ impl Env {
     }
 
     async fn metrics(&self) -> String {
-        let response = get(&self.proxy.url("/_mcpage/metrics"), &[]).await;
+        let response = self
+            .proxy
+            .request("GET", "/_mcpage/metrics", &[], b"")
+            .await;
         assert_eq!(response.status, 200);
         assert_eq!(
             response.header("content-type"),
@@ -1109,5 +1219,210 @@ async fn requests_are_forwarded_faithfully_and_shutdown_is_graceful() {
     assert!(
         std::net::TcpStream::connect(&env.proxy.address).is_err(),
         "still accepting after shutdown"
+    );
+}
+
+/// nginx reaches the proxy over a unix socket and the proxy reaches the
+/// backend over another: pages are cached and served by nginx, POSTs and the
+/// admin endpoints work, nothing is appended to `X-Forwarded-For`, a backend
+/// gone is a 502 that names the socket, and the socket file is removed on
+/// exit (and a stale one replaced on start).
+#[tokio::test]
+async fn unix_sockets_from_nginx_through_the_proxy_to_the_backend() {
+    let mut env = Env::start(Setup {
+        unix: true,
+        token_in_env: Some(TOKEN),
+        ..Setup::default()
+    })
+    .await;
+    let proxy_socket = env.dir.path().join("proxy.sock");
+    let backend_socket = env.dir.path().join("backend.sock");
+    let log = env.proxy.log();
+    assert!(
+        log.contains(&format!(
+            "mcpage proxy listening on unix:{}, upstream unix:{},",
+            proxy_socket.display(),
+            backend_socket.display()
+        )),
+        "{log}"
+    );
+    assert!(
+        env.stack
+            .nginx()
+            .config_text()
+            .contains(&format!("server unix:{};", proxy_socket.display())),
+        "{}",
+        env.stack.nginx().config_text()
+    );
+
+    for path in ["/articles/1", "/about"] {
+        assert_cache(&env.page(path).await, "MISS");
+        env.wait_stored(path).await;
+        assert_cache(&env.page(path).await, "HIT");
+        assert_eq!(env.count(path).await, 1, "{path}");
+    }
+    let post = request(
+        "POST",
+        &env.stack.nginx().url("/articles/1/comments"),
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+        b"text=hello+world",
+    )
+    .await;
+    assert_eq!(post.text(), "POST /articles/1/comments: 16 bytes");
+    // A peer on a unix socket has no address: nginx's value arrives unchanged.
+    let echo = env.page("/echo/unix").await;
+    let echo: Value = serde_json::from_slice(&echo.body).expect("echo JSON");
+    assert_eq!(echo["headers"]["x-forwarded-for"], json!(["127.0.0.1"]));
+
+    // The admin endpoints on the proxy's socket.
+    let auth = format!("Bearer {TOKEN}");
+    let done = env
+        .proxy
+        .request(
+            "POST",
+            "/_mcpage/invalidate",
+            &[
+                ("Authorization", &auth),
+                ("Content-Type", "application/json"),
+            ],
+            json!({"tags": ["article:1"]}).to_string().as_bytes(),
+        )
+        .await;
+    assert_eq!(done.status, 200, "{}", done.text());
+    assert_eq!(body_json(&done)["pages"], 1);
+    assert_cache(&env.page("/articles/1").await, "MISS");
+    assert_cache(&env.page("/about").await, "HIT");
+
+    // The backend gone: its socket refuses, then does not exist.
+    env.backend = None;
+    let unreachable = format!(
+        "mcpage proxy: upstream unix:{} unreachable: ",
+        backend_socket.display()
+    );
+    let refused = env.proxy.request("GET", "/untagged", &[], b"").await;
+    assert_eq!(refused.status, 502, "{}", refused.text());
+    assert_eq!(refused.text(), format!("{unreachable}connection refused\n"));
+    std::fs::remove_file(&backend_socket).expect("remove the backend's socket");
+    let missing = get(&env.stack.nginx().url("/untagged"), &[]).await;
+    assert_eq!(missing.status, 502, "{}", missing.text());
+    assert!(
+        missing.text().starts_with(&unreachable) && missing.text().contains("No such file"),
+        "{}",
+        missing.text()
+    );
+
+    // SIGTERM removes the socket file.
+    signal(env.proxy.pid(), "TERM");
+    assert!(env.proxy.wait_exit().success(), "{}", env.proxy.log());
+    assert!(!proxy_socket.exists(), "the socket file is left behind");
+    // A socket file whose process is gone is replaced; a live one is refused.
+    drop(std::os::unix::net::UnixListener::bind(&proxy_socket).expect("a stale socket"));
+    assert!(proxy_socket.exists());
+    let config_file = env.dir.path().join("mcpage.toml");
+    let address = format!("unix:{}", proxy_socket.display());
+    let again = Proxy::start(&config_file, &address, &[], &[]).await;
+    let mut second = Command::new(env!("CARGO_BIN_EXE_mcpage"))
+        .arg("--config")
+        .arg(&config_file)
+        .arg("proxy")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(env.dir.path().join("second.log")).expect("create log"))
+        .spawn()
+        .expect("start a second proxy");
+    let status = wait_exit(&mut second, DEADLINE).expect("the second proxy exits");
+    let stderr = read(&env.dir.path().join("second.log"));
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("another process is listening there"),
+        "{stderr}"
+    );
+    let health = again.request("GET", "/_mcpage/health", &[], b"").await;
+    assert_eq!(health.status, 200);
+}
+
+/// An idempotent request (GET, HEAD) that went out on a pooled connection the
+/// backend closed without answering is sent once more on a fresh connection;
+/// a POST is not (its 502 says why). The backend here drops every request on
+/// a reused connection; whether the pool reuses one is up to timing, so each
+/// case polls until it happened, and every answer on the way must be right.
+#[tokio::test]
+async fn a_request_the_backend_dropped_on_a_pooled_connection_is_retried_if_idempotent() {
+    let env = Env::start(Setup::default()).await;
+    let retries = || async { metric(&env.metrics().await, "mcpage_proxy_upstream_retries_total") };
+    for method in ["GET", "HEAD"] {
+        let before = retries().await;
+        wait_until(DEADLINE, &format!("a {method} sent again"), || async {
+            let response = env.proxy.request(method, "/flaky/page", &[], b"").await;
+            assert_eq!(response.status, 200, "{method}: {}", response.text());
+            assert_eq!(response.body.is_empty(), method == "HEAD");
+            retries().await > before
+        })
+        .await;
+    }
+    let before = retries().await;
+    wait_until(DEADLINE, "a POST dropped on a pooled connection", || async {
+        let response = env.proxy.request("POST", "/flaky/form", &[], b"x=1").await;
+        match response.status.as_u16() {
+            200 => false,
+            502 => {
+                assert_eq!(
+                    response.text(),
+                    format!(
+                        "mcpage proxy: upstream http://127.0.0.1:{} failed: connection closed before message completed\n",
+                        env.upstream_port
+                    )
+                );
+                true
+            }
+            other => panic!("POST: {other} {}", response.text()),
+        }
+    })
+    .await;
+    assert_eq!(retries().await, before, "a POST was sent twice");
+    assert_eq!(
+        metric(&env.metrics().await, "mcpage_proxy_upstream_errors_total"),
+        1
+    );
+}
+
+/// A backend that closes idle keep-alive connections after 1 s (gunicorn's
+/// default is 2 s) and requests spaced about that far apart: the proxy drops
+/// idle connections first (`proxy.upstream_idle_timeout_ms`, 1000 by default)
+/// and sends a GET again when the race is lost anyway. No request may fail.
+#[tokio::test]
+async fn a_backend_closing_idle_connections_after_one_second_gives_no_errors() {
+    let env = Env::start(Setup {
+        backend_idle_secs: Some(1.0),
+        ..Setup::default()
+    })
+    .await;
+    // The spacing is the scenario, not a synchronization: every answer is
+    // checked, whatever the timing.
+    let spacings_ms = [1000, 990, 1010, 1000, 995, 1005, 1000, 985, 1015, 1000];
+    for (i, spacing) in spacings_ms.into_iter().enumerate() {
+        tokio::time::sleep(Duration::from_millis(spacing)).await;
+        // Two at once: more than one pooled connection ages together.
+        let (a, b) = tokio::join!(
+            env.proxy.request("GET", "/untagged", &[], b""),
+            env.proxy.request("GET", "/about", &[], b"")
+        );
+        for response in [a, b] {
+            assert_eq!(response.status, 200, "request {i}: {}", response.text());
+        }
+    }
+    let metrics = env.metrics().await;
+    let closed_idle = read(&env.backend().log)
+        .matches("Request timed out")
+        .count();
+    println!(
+        "idle-closing backend: {} requests spaced ~1 s, 0 errors; {} sent again, {closed_idle} connections closed idle by the backend",
+        2 * spacings_ms.len(),
+        metric(&metrics, "mcpage_proxy_upstream_retries_total")
+    );
+    assert_eq!(
+        metric(&metrics, "mcpage_proxy_upstream_errors_total"),
+        0,
+        "{metrics}"
     );
 }

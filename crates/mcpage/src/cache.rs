@@ -11,7 +11,7 @@ use bytes::Bytes;
 use crate::clock::Clocks;
 use crate::config::{Compiled, Config};
 use crate::error::{Error, Result};
-use crate::invalidate::Invalidator;
+use crate::invalidate::{self, Invalidator};
 use crate::key::{KeyScheme, KeySkip, PageKey};
 use crate::memcached::{Circuit, Pool, Server, text};
 use crate::policy::{self, Bypass};
@@ -76,15 +76,15 @@ impl Cache {
             &config.cache,
             Arc::clone(&metrics),
         ));
-        let invalidator = Invalidator::new(
-            Arc::clone(&pages),
-            Arc::clone(&index),
-            clocks.clone(),
-            index_keys.clone(),
-            keys.clone(),
+        let invalidator = Invalidator::new(invalidate::Parts {
+            pages: Arc::clone(&pages),
+            index: Arc::clone(&index),
+            clocks: clocks.clone(),
+            index_keys: index_keys.clone(),
+            keys: keys.clone(),
             index_ttl,
-            Arc::clone(&metrics),
-        );
+            metrics: Arc::clone(&metrics),
+        });
         Ok(Cache {
             inner: Arc::new(Inner {
                 config: config.clone(),

@@ -44,18 +44,19 @@ use crate::tags::{self, IndexKeys};
 /// Cheap to clone; clones share everything.
 #[derive(Debug, Clone)]
 pub struct Invalidator {
-    inner: Arc<Inner>,
+    inner: Arc<Parts>,
 }
 
+/// What an invalidator works with; built by [`Cache`](crate::Cache).
 #[derive(Debug)]
-struct Inner {
-    pages: Arc<Pool>,
-    index: Arc<Pool>,
-    clocks: Clocks,
-    index_keys: IndexKeys,
-    keys: KeyScheme,
-    index_ttl: u32,
-    metrics: Arc<Metrics>,
+pub(crate) struct Parts {
+    pub(crate) pages: Arc<Pool>,
+    pub(crate) index: Arc<Pool>,
+    pub(crate) clocks: Clocks,
+    pub(crate) index_keys: IndexKeys,
+    pub(crate) keys: KeyScheme,
+    pub(crate) index_ttl: u32,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 /// What an invalidation removed.
@@ -128,25 +129,9 @@ const PURGE_PASSES: usize = 8;
 const METADUMP_DEADLINE: Duration = Duration::from_secs(60);
 
 impl Invalidator {
-    pub(crate) fn new(
-        pages: Arc<Pool>,
-        index: Arc<Pool>,
-        clocks: Clocks,
-        index_keys: IndexKeys,
-        keys: KeyScheme,
-        index_ttl: u32,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    pub(crate) fn new(parts: Parts) -> Self {
         Invalidator {
-            inner: Arc::new(Inner {
-                pages,
-                index,
-                clocks,
-                index_keys,
-                keys,
-                index_ttl,
-                metrics,
-            }),
+            inner: Arc::new(parts),
         }
     }
 

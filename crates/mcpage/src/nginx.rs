@@ -695,6 +695,18 @@ mod tests {
         assert!(key < bypass);
     }
 
+    /// nginx reaches the app (or the proxy) and listens over unix sockets.
+    #[test]
+    fn unix_sockets() {
+        let mut config = default_config();
+        config.nginx.app = "unix:/run/mcpage/proxy.sock".into();
+        config.nginx.listen = "unix:/run/mcpage/nginx.sock".into();
+        config.validate().expect("valid");
+        let text = render_nginx_config(&config);
+        assert_has(&text, "server unix:/run/mcpage/proxy.sock;");
+        assert_has(&text, "listen unix:/run/mcpage/nginx.sock;");
+    }
+
     #[test]
     fn three_servers_weights_and_modulo() {
         let text = render_nginx_config(&modulo_config());

@@ -313,6 +313,11 @@ fn metrics(state: &State) -> Response<Full<Bytes>> {
         "Requests the upstream did not answer (502/504 from the proxy).",
         state.upstream_errors.load(Ordering::Relaxed),
     );
+    counter(
+        "mcpage_proxy_upstream_retries_total",
+        "Idempotent requests sent again on a fresh connection: the backend closed the pooled one before answering.",
+        state.forward.retries(),
+    );
 
     out.push_str(
         "# HELP mcpage_bypass_total Requests not cached, by reason.\n\

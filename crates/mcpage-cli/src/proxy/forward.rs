@@ -1,35 +1,51 @@
 //! The forwarding service under the layer: one request to the upstream over
-//! a keepalive pool, bodies streamed both ways, hop-by-hop headers removed.
+//! a keepalive pool (TCP or a unix socket), bodies streamed both ways,
+//! hop-by-hop headers removed. An idempotent request whose pooled connection
+//! the backend closed before answering is sent once more on a fresh one.
 
+use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::header::{CONNECTION, HOST, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::{Client, ResponseFuture};
+use hyper_util::rt::TokioIo;
 use mcpage::SkipCache;
 
 use crate::http_client::{self, Reuse, root_cause};
+use tokio::net::UnixStream;
 
-/// Idle upstream connections kept open, and for how long.
+/// Idle upstream connections kept open at most.
 const POOL_MAX_IDLE: usize = 64;
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_CACHE_TAGS: HeaderName = HeaderName::from_static("x-cache-tags");
 
-/// The backend, `http://host[:port]` without a path.
+/// The authority of requests sent over a unix socket: the pool's key, and the
+/// `Host` of a request that came without one.
+const UNIX_AUTHORITY: &str = "localhost";
+
+/// The backend: `http://host[:port]` without a path, or `unix:/path`.
 #[derive(Debug, Clone)]
 pub(crate) struct Upstream {
+    /// The authority put into the request URI (`localhost` for a socket).
     authority: Authority,
+    /// The socket, for `unix:/path`.
+    socket: Option<PathBuf>,
     /// As given, without a trailing slash: used in error messages and logs.
     display: String,
 }
@@ -39,10 +55,23 @@ impl Upstream {
     pub(crate) fn parse(text: &str, source: &str) -> anyhow::Result<Upstream> {
         let invalid =
             |reason: &str| anyhow::anyhow!("invalid config `{source}`: `{text}` {reason}");
-        let uri: Uri = text
-            .trim()
-            .parse()
-            .map_err(|_| invalid("is not a URL such as http://127.0.0.1:8000"))?;
+        if let Some(path) = text.trim().strip_prefix("unix:") {
+            if !path.starts_with('/') {
+                return Err(invalid(
+                    "needs an absolute socket path, such as unix:/run/gunicorn.sock",
+                ));
+            }
+            return Ok(Upstream {
+                authority: Authority::from_static(UNIX_AUTHORITY),
+                socket: Some(PathBuf::from(path)),
+                display: format!("unix:{path}"),
+            });
+        }
+        let uri: Uri = text.trim().parse().map_err(|_| {
+            invalid(
+                "is not a URL such as http://127.0.0.1:8000 or a socket such as unix:/run/app.sock",
+            )
+        })?;
         match uri.scheme() {
             Some(scheme) if *scheme == Scheme::HTTP => {}
             Some(scheme) if *scheme == Scheme::HTTPS => {
@@ -51,7 +80,7 @@ impl Upstream {
                      and point it at the backend's plain http:// address",
                 ));
             }
-            _ => return Err(invalid("must start with http://")),
+            _ => return Err(invalid("must start with http:// or unix:")),
         }
         let authority = uri
             .authority()
@@ -68,6 +97,7 @@ impl Upstream {
         Ok(Upstream {
             display: format!("http://{authority}"),
             authority,
+            socket: None,
         })
     }
 }
@@ -75,6 +105,88 @@ impl Upstream {
 impl fmt::Display for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.display)
+    }
+}
+
+/// Dials the backend's unix socket for hyper's pool.
+#[derive(Clone, Debug)]
+pub(crate) struct UnixConnector {
+    path: Arc<Path>,
+}
+
+impl tower::Service<Uri> for UnixConnector {
+    type Response = TokioIo<UnixStream>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<TokioIo<UnixStream>>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: Uri) -> Self::Future {
+        let path = Arc::clone(&self.path);
+        Box::pin(async move { UnixStream::connect(&*path).await.map(TokioIo::new) })
+    }
+}
+
+/// What the client sends: the client's body, or nothing (a bodiless GET or
+/// HEAD, which can be sent again).
+type RequestBody = Either<Incoming, Empty<Bytes>>;
+
+/// A pooled client and one that never reuses a connection (for the retry).
+#[derive(Clone, Debug)]
+struct Clients<C> {
+    pooled: Client<C, RequestBody>,
+    fresh: Client<C, RequestBody>,
+}
+
+impl<C> Clients<C>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
+    fn new(connector: C, idle_timeout: Duration) -> Clients<C> {
+        let build = |max_idle: usize| {
+            http_client::client_with(
+                connector.clone(),
+                Reuse::Pool {
+                    max_idle,
+                    idle_timeout,
+                },
+            )
+        };
+        let max_idle = if idle_timeout.is_zero() {
+            0
+        } else {
+            POOL_MAX_IDLE
+        };
+        Clients {
+            pooled: build(max_idle),
+            fresh: build(0),
+        }
+    }
+
+    fn send(&self, fresh: bool, request: Request<RequestBody>) -> ResponseFuture {
+        if fresh {
+            self.fresh.request(request)
+        } else {
+            self.pooled.request(request)
+        }
+    }
+}
+
+/// The clients for a TCP or a unix-socket backend.
+#[derive(Clone, Debug)]
+enum Dialer {
+    Tcp(Clients<HttpConnector>),
+    Unix(Clients<UnixConnector>),
+}
+
+impl Dialer {
+    fn send(&self, fresh: bool, request: Request<RequestBody>) -> ResponseFuture {
+        match self {
+            Dialer::Tcp(clients) => clients.send(fresh, request),
+            Dialer::Unix(clients) => clients.send(fresh, request),
+        }
     }
 }
 
@@ -87,13 +199,25 @@ pub(crate) struct UpstreamError {
     pub(crate) message: String,
 }
 
+/// How the forwarding service is set up.
+#[derive(Debug)]
+pub(crate) struct ForwardOptions {
+    /// Bounds connecting plus waiting for the response head (both attempts).
+    pub(crate) head_timeout: Duration,
+    /// How long an idle connection stays in the pool; zero: never reused.
+    pub(crate) idle_timeout: Duration,
+    /// Also cache responses without `X-Cache-Tags`.
+    pub(crate) cache_untagged: bool,
+}
+
 /// The tower service that sends a request to the upstream.
 #[derive(Clone, Debug)]
 pub(crate) struct Forward {
-    client: Client<HttpConnector, Incoming>,
+    dialer: Dialer,
     upstream: Arc<Upstream>,
     head_timeout: Duration,
     cache_untagged: bool,
+    retries: Arc<AtomicU64>,
 }
 
 impl Forward {
@@ -101,17 +225,31 @@ impl Forward {
     /// waiting for the response head (the body then streams without a limit).
     /// Unless `cache_untagged`, a response without an `X-Cache-Tags` header is
     /// marked [`SkipCache`]: the backend opts pages in by tagging them.
-    pub(crate) fn new(upstream: Upstream, head_timeout: Duration, cache_untagged: bool) -> Forward {
-        let reuse = Reuse::Pool {
-            max_idle: POOL_MAX_IDLE,
-            idle_timeout: POOL_IDLE_TIMEOUT,
+    pub(crate) fn new(upstream: Upstream, options: &ForwardOptions) -> Forward {
+        let dialer = match &upstream.socket {
+            Some(path) => Dialer::Unix(Clients::new(
+                UnixConnector {
+                    path: Arc::from(path.as_path()),
+                },
+                options.idle_timeout,
+            )),
+            None => Dialer::Tcp(Clients::new(
+                http_client::tcp_connector(options.head_timeout),
+                options.idle_timeout,
+            )),
         };
         Forward {
-            client: http_client::client(head_timeout, reuse),
+            dialer,
             upstream: Arc::new(upstream),
-            head_timeout,
-            cache_untagged,
+            head_timeout: options.head_timeout,
+            cache_untagged: options.cache_untagged,
+            retries: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// Requests sent again on a fresh connection (see [`closed_before_response`]).
+    pub(crate) fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
     }
 
     async fn forward(
@@ -135,8 +273,40 @@ impl Forward {
         })?;
         // Our own connection to the upstream: always HTTP/1.1 with keepalive.
         parts.version = Version::HTTP_11;
-        let sent = self.client.request(Request::from_parts(parts, body));
-        match tokio::time::timeout(self.head_timeout, sent).await {
+        // A bodiless GET or HEAD can be sent again: keep what it takes.
+        let replay = (matches!(parts.method, Method::GET | Method::HEAD) && body.is_end_stream())
+            .then(|| {
+                (
+                    parts.method.clone(),
+                    parts.uri.clone(),
+                    parts.headers.clone(),
+                )
+            });
+        let body = match replay {
+            Some(_) => Either::Right(Empty::new()),
+            None => Either::Left(body),
+        };
+        let deadline = tokio::time::Instant::now() + self.head_timeout;
+        let sent = self.dialer.send(false, Request::from_parts(parts, body));
+        let result = match tokio::time::timeout_at(deadline, sent).await {
+            Ok(Err(error)) if replay.is_some() && closed_before_response(&error) => {
+                let Some((method, uri, headers)) = replay else {
+                    return Err(self.failed(&error));
+                };
+                self.retries.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    %method, %uri, error = %root_cause(&error),
+                    "the backend closed the connection before answering: sending again on a fresh one"
+                );
+                let mut again = Request::new(Either::Right(Empty::new()));
+                *again.method_mut() = method;
+                *again.uri_mut() = uri;
+                *again.headers_mut() = headers;
+                tokio::time::timeout_at(deadline, self.dialer.send(true, again)).await
+            }
+            other => other,
+        };
+        match result {
             Ok(Ok(mut response)) => {
                 remove_hop_by_hop(response.headers_mut());
                 if !self.cache_untagged && !response.headers().contains_key(&X_CACHE_TAGS) {
@@ -171,6 +341,29 @@ impl Forward {
             message,
         }
     }
+}
+
+/// Did the connection close (or reset) before a response head arrived? That
+/// is what a pooled connection looks like when the backend's keep-alive timer
+/// closed it just as the request went out: the backend did not answer it.
+fn closed_before_response(error: &hyper_util::client::legacy::Error) -> bool {
+    if error.is_connect() {
+        return false;
+    }
+    let mut current: Option<&(dyn StdError + 'static)> = error.source();
+    while let Some(error) = current {
+        if let Some(hyper) = error.downcast_ref::<hyper::Error>() {
+            if hyper.is_incomplete_message() {
+                return true;
+            }
+        }
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            return matches!(io.kind(), ConnectionReset | ConnectionAborted | BrokenPipe);
+        }
+        current = error.source();
+    }
+    false
 }
 
 impl tower::Service<Request<Incoming>> for Forward {
@@ -225,8 +418,9 @@ pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Prepare a client's request for the upstream: drop hop-by-hop headers and
 /// `Expect` (this side already answered `100 Continue`), then append the
-/// peer to `X-Forwarded-For` (nginx's own value is kept in front).
-pub(crate) fn prepare_request_headers(headers: &mut HeaderMap, peer: IpAddr) {
+/// peer to `X-Forwarded-For` (nginx's own value is kept in front). A peer on
+/// a unix socket (`None`) has no address to append.
+pub(crate) fn prepare_request_headers(headers: &mut HeaderMap, peer: Option<IpAddr>) {
     remove_hop_by_hop(headers);
     headers.remove(http::header::EXPECT);
     let mut chain: Vec<u8> = Vec::new();
@@ -237,7 +431,11 @@ pub(crate) fn prepare_request_headers(headers: &mut HeaderMap, peer: IpAddr) {
             chain.extend_from_slice(b", ");
         }
     }
-    chain.extend_from_slice(peer.to_canonical().to_string().as_bytes());
+    match peer {
+        Some(peer) => chain.extend_from_slice(peer.to_canonical().to_string().as_bytes()),
+        None if chain.is_empty() => return,
+        None => chain.truncate(chain.len() - 2),
+    }
     // Valid header values joined by ", " plus an IP address: always valid.
     if let Ok(value) = HeaderValue::from_bytes(&chain) {
         headers.insert(X_FORWARDED_FOR.clone(), value);
@@ -254,10 +452,14 @@ mod tests {
         assert_eq!(ok.to_string(), "http://127.0.0.1:8000");
         let ok = Upstream::parse("http://localhost:8000/", "proxy.upstream").expect("slash");
         assert_eq!(ok.to_string(), "http://localhost:8000");
+        let ok = Upstream::parse("unix:/run/gunicorn.sock", "proxy.upstream").expect("socket");
+        assert_eq!(ok.to_string(), "unix:/run/gunicorn.sock");
+        assert_eq!(ok.socket.as_deref(), Some(Path::new("/run/gunicorn.sock")));
         for (bad, needle) in [
             ("https://127.0.0.1:8443", "https"),
             ("127.0.0.1:8000", "http://"),
             ("ftp://x", "http://"),
+            ("unix:run/app.sock", "absolute"),
             ("http://127.0.0.1:8000/app", "path"),
             ("http://u:p@127.0.0.1:8000", "credentials"),
             ("not a url", "not a URL"),
@@ -294,7 +496,8 @@ mod tests {
                 HeaderValue::from_static(value),
             );
         }
-        prepare_request_headers(&mut headers, "::ffff:127.0.0.1".parse().expect("ip"));
+        let mut unix = headers.clone();
+        prepare_request_headers(&mut headers, Some("::ffff:127.0.0.1".parse().expect("ip")));
         let mut left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
         left.sort_unstable();
         assert_eq!(left, ["cookie", "host", "x-forwarded-for"]);
@@ -302,5 +505,11 @@ mod tests {
             headers["x-forwarded-for"],
             "203.0.113.7, 10.0.0.1, 127.0.0.1"
         );
+        // Over a unix socket: nothing appended, nothing invented.
+        prepare_request_headers(&mut unix, None);
+        assert_eq!(unix["x-forwarded-for"], "203.0.113.7, 10.0.0.1");
+        let mut bare = HeaderMap::new();
+        prepare_request_headers(&mut bare, None);
+        assert!(bare.is_empty());
     }
 }

@@ -15,7 +15,8 @@ mod admin;
 mod forward;
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,10 +34,11 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use mcpage::PageBody;
 use mcpage::{Cache, PageCache, PageCacheLayer};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tower::{Layer as _, ServiceExt as _};
 
-use forward::{Forward, Upstream};
+use forward::{Forward, ForwardOptions, Upstream};
 
 /// How long a client may take to send a request head.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -50,10 +52,12 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Arguments of `mcpage proxy`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
-    /// Address to listen on [default: `proxy.listen` from the config, 127.0.0.1:8081].
+    /// Address to listen on, `host:port` or `unix:/path` [default: `proxy.listen`
+    /// from the config, 127.0.0.1:8081].
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
-    /// The backend, `http://host:port` (plain HTTP only) [default: `proxy.upstream`].
+    /// The backend, `http://host:port` (plain HTTP only) or `unix:/path` (HTTP
+    /// over a unix socket) [default: `proxy.upstream`].
     #[arg(long, value_name = "URL")]
     upstream: Option<String>,
     /// How long to wait for the backend to connect and send its response head
@@ -76,6 +80,8 @@ type ProxyBody = Either<PageBody<Incoming>, Full<Bytes>>;
 pub(crate) struct State {
     cache: Cache,
     service: PageCache<Forward>,
+    /// The service under the layer (shares its counters).
+    forward: Forward,
     token: Option<admin::Token>,
     upstream_errors: AtomicU64,
 }
@@ -106,26 +112,28 @@ pub(crate) async fn run(config: &mcpage::Config, args: Args) -> anyhow::Result<E
 
     // Before binding: a signal that arrives once we listen must not kill us.
     let mut signals = Signals::install()?;
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
-    let local = listener.local_addr().context("listening address")?;
+    let listener = Listener::bind(listen).await?;
+    let local = listener.describe()?;
 
     let cache = Cache::connect(config).await?;
     let upstream_text = upstream.to_string();
     let forward = Forward::new(
         upstream,
-        Duration::from_millis(upstream_timeout_ms),
-        cache_untagged,
+        &ForwardOptions {
+            head_timeout: Duration::from_millis(upstream_timeout_ms),
+            idle_timeout: Duration::from_millis(config.proxy.upstream_idle_timeout_ms),
+            cache_untagged,
+        },
     );
     let state = Arc::new(State {
-        service: PageCacheLayer::new(cache.clone()).layer(forward),
+        service: PageCacheLayer::new(cache.clone()).layer(forward.clone()),
+        forward,
         token: admin::Token::new(config.proxy.invalidate_token.as_deref()),
         cache,
         upstream_errors: AtomicU64::new(0),
     });
     tracing::info!(
-        "mcpage proxy listening on http://{local}, upstream {upstream_text}, memcached {}{}{}{}",
+        "mcpage proxy listening on {local}, upstream {upstream_text}, memcached {}{}{}{}",
         servers(&config.memcached.servers),
         if config.memcached.index_servers.is_empty() {
             String::new()
@@ -153,19 +161,13 @@ pub(crate) async fn run(config: &mcpage::Config, args: Args) -> anyhow::Result<E
         tokio::select! {
             biased;
             signal = signals.next() => break signal,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    serve_connection(&graceful, &state, stream, peer);
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                }
+            accepted = listener.accept(&graceful, &state) => if let Err(error) = accepted {
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
             },
         }
     };
-    drop(listener);
+    listener.close();
     let in_flight = graceful.count();
     tracing::info!(
         signal,
@@ -227,12 +229,94 @@ impl Signals {
     }
 }
 
-fn serve_connection(
+/// Where the proxy listens: a TCP address or a unix socket.
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// `host:port`, or `unix:/path`: a socket file left behind by a process
+    /// that is gone is replaced, a live one is an error.
+    async fn bind(listen: &str) -> anyhow::Result<Listener> {
+        let Some(path) = listen.strip_prefix("unix:") else {
+            let listener = TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            return Ok(Listener::Tcp(listener));
+        };
+        let path = Path::new(path);
+        if !path.is_absolute() {
+            anyhow::bail!("cannot listen on {listen}: the socket path must be absolute");
+        }
+        if let Ok(metadata) = std::fs::symlink_metadata(path) {
+            use std::os::unix::fs::FileTypeExt as _;
+            if !metadata.file_type().is_socket() {
+                anyhow::bail!("cannot listen on {listen}: the file exists and is not a socket");
+            }
+            if UnixStream::connect(path).await.is_ok() {
+                anyhow::bail!("cannot listen on {listen}: another process is listening there");
+            }
+            std::fs::remove_file(path)
+                .with_context(|| format!("cannot remove the stale socket {listen}"))?;
+        }
+        let listener =
+            UnixListener::bind(path).with_context(|| format!("cannot listen on {listen}"))?;
+        // The same reach as a loopback port: nginx's workers run as another
+        // user. Restrict access with the permissions of the directory.
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+            .with_context(|| format!("cannot make {listen} writable for nginx"))?;
+        Ok(Listener::Unix(listener, path.to_owned()))
+    }
+
+    /// `http://127.0.0.1:8081` or `unix:/path`, for the log.
+    fn describe(&self) -> anyhow::Result<String> {
+        match self {
+            Listener::Tcp(listener) => {
+                let local = listener.local_addr().context("listening address")?;
+                Ok(format!("http://{local}"))
+            }
+            Listener::Unix(_, path) => Ok(format!("unix:{}", path.display())),
+        }
+    }
+
+    /// Accept one connection and serve it in its own task.
+    async fn accept(&self, graceful: &GracefulShutdown, state: &Arc<State>) -> std::io::Result<()> {
+        match self {
+            Listener::Tcp(listener) => {
+                let (stream, peer) = listener.accept().await?;
+                let _ = stream.set_nodelay(true);
+                serve_connection(graceful, state, stream, Some(peer.ip()));
+            }
+            Listener::Unix(listener, _) => {
+                let (stream, _) = listener.accept().await?;
+                serve_connection(graceful, state, stream, None);
+            }
+        }
+        Ok(())
+    }
+
+    /// Stop accepting; a unix socket's file is removed.
+    fn close(self) {
+        if let Listener::Unix(listener, path) = self {
+            drop(listener);
+            if let Err(error) = std::fs::remove_file(&path) {
+                tracing::warn!(%error, path = %path.display(), "cannot remove the socket file");
+            }
+        }
+    }
+}
+
+/// `peer`: the client's address; none over a unix socket.
+fn serve_connection<I>(
     graceful: &GracefulShutdown,
     state: &Arc<State>,
-    stream: tokio::net::TcpStream,
-    peer: SocketAddr,
-) {
+    stream: I,
+    peer: Option<IpAddr>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let state = Arc::clone(state);
     let service = service_fn(move |request| handle(Arc::clone(&state), peer, request));
     let connection = http1::Builder::new()
@@ -243,7 +327,7 @@ fn serve_connection(
     let connection = graceful.watch(connection);
     tokio::spawn(async move {
         if let Err(error) = connection.await {
-            tracing::debug!(%error, %peer, "connection ended with an error");
+            tracing::debug!(%error, ?peer, "connection ended with an error");
         }
     });
 }
@@ -251,7 +335,7 @@ fn serve_connection(
 /// One request: admin path, or through the layer to the upstream.
 async fn handle(
     state: Arc<State>,
-    peer: SocketAddr,
+    peer: Option<IpAddr>,
     mut request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     if request.uri().path().starts_with("/_mcpage/") {
@@ -276,7 +360,7 @@ async fn handle(
         ));
     }
     // Before the layer: it judges the request the backend will see.
-    forward::prepare_request_headers(request.headers_mut(), peer.ip());
+    forward::prepare_request_headers(request.headers_mut(), peer);
     match state.service.clone().oneshot(request).await {
         Ok(response) => Ok(response.map(Either::Left)),
         Err(error) => {
