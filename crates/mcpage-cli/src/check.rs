@@ -97,8 +97,9 @@ pub(crate) async fn run(config: &Config, args: Args) -> anyhow::Result<ExitCode>
     } else {
         authority.to_string()
     };
-    if config.cache.names_only_loopback() {
-        eprintln!("mcpage check: WARNING: {}", LOOPBACK_ONLY);
+    // Probing a site by a name it does not list: say why nothing is cached.
+    if !allowed && config.cache.names_only_loopback() {
+        eprintln!("mcpage check: WARNING: {LOOPBACK_ONLY}");
     }
     let host_header = HeaderValue::from_str(&host)
         .with_context(|| format!("`{host}` cannot be sent as a Host header"))?;

@@ -220,6 +220,24 @@ cfg = json.loads(sys.argv[2])
 prefix = cfg["prefix"].encode()
 ring = m.chash_ring([(s.encode(), w) for s, w in cfg["servers"]])
 exclude = [re.compile(p.encode()) for p in cfg["exclude"]]
+UNRESERVED = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~/"
+def canonical(t, uri):
+    # The raw path spells the $uri exactly: decoding gives it, and no %2F or
+    # encoded unreserved character (an independent model of key::is_canonical_path).
+    raw = t.split(b"?", 1)[0]
+    out = bytearray(); i = 0
+    while i < len(raw):
+        if raw[i] == 0x25:
+            try:
+                b = int(raw[i+1:i+3], 16)
+            except ValueError:
+                return False
+            if len(raw[i+1:i+3]) != 2 or b in UNRESERVED:
+                return False
+            out.append(b); i += 3
+        else:
+            out.append(raw[i]); i += 1
+    return bytes(out) == uri
 def wire_len(k):
     return 4 * ((len(k) + 2) // 3) if (any(b <= 0x20 or b == 0x7f for b in k)) else len(k)
 out = []
@@ -245,6 +263,8 @@ for line in sys.stdin:
         r["reason"] = "query_string"
     elif wire_len(k) > 250:
         r["reason"] = "key_too_long"
+    elif not canonical(t, uri):
+        r["reason"] = "non_canonical_path"
     elif any(x.search(uri) for x in exclude):
         r["reason"] = "excluded"
     else:
@@ -367,7 +387,7 @@ fn explain_agrees_with_the_reference_model() {
     let servers = [
         ("127.0.0.1:11211", 1),
         ("127.0.0.1:11212", 2),
-        ("localhost:11213", 1),
+        ("127.0.0.3:11213", 1),
     ];
     let mut config = Config::default();
     config.memcached.servers = servers
@@ -483,6 +503,7 @@ fn explain_agrees_with_the_reference_model() {
     // The generator reaches every outcome and every server.
     for reason in [
         "cacheable",
+        "non_canonical_path",
         "bad_request",
         "query_string",
         "key_too_long",
@@ -506,15 +527,28 @@ fn explain_prints_aligned_fields_without_memcached() {
     let config_path = write_config(&dir, "mcpage.toml", &config);
     let run = mcpage(
         &config_path,
-        &["explain", "/a//b/../caf%C3%A9", "/a?x=1", "/../x"],
+        &[
+            "explain",
+            "/a/caf%C3%A9",
+            "/a?x=1",
+            "/../x",
+            "/a//b/../caf%C3%A9",
+        ],
         None,
     );
     assert_eq!(run.code, Some(0), "{}", run.both());
     let blocks: Vec<&str> = run.stdout.split("\n\n").collect();
-    assert_eq!(blocks.len(), 3, "{}", run.both());
+    assert_eq!(blocks.len(), 4, "{}", run.both());
+    // nginx keys the non-canonical spelling the same, but its answer is not stored.
+    assert!(
+        blocks[3].contains("uri        /a/café")
+            && blocks[3].contains("cacheable  no: non_canonical_path"),
+        "{}",
+        run.both()
+    );
     assert_eq!(
         blocks[0],
-        "target     /a//b/../caf%C3%A9\n\
+        "target     /a/caf%C3%A9\n\
          uri        /a/café\n\
          value      page:/a/café\n\
          key        page:/a/café  (13 bytes)\n\
