@@ -1435,3 +1435,57 @@ async fn a_backend_closing_idle_connections_after_one_second_gives_no_errors() {
         "{metrics}"
     );
 }
+
+/// A purge client written for Varnish xkey (FOSHttpCache and kin) works
+/// unchanged: `PURGEKEYS` with `xkey-softpurge`, `PURGE <url>`, sent to nginx
+/// exactly as those clients send them to Varnish.
+#[tokio::test]
+async fn varnish_xkey_purge_requests_work_unchanged() {
+    let env = Env::start(Setup {
+        token_in_file: Some(TOKEN),
+        ..Setup::default()
+    })
+    .await;
+    for path in ["/articles/1", "/articles/2", "/about"] {
+        assert_cache(&env.page(path).await, "MISS");
+        env.wait_stored(path).await;
+    }
+    let nginx = env.stack.nginx();
+    let auth = format!("Bearer {TOKEN}");
+
+    let refused = request(
+        "PURGEKEYS",
+        &nginx.url("/"),
+        &[("xkey-softpurge", "article:1 about")],
+        b"",
+    )
+    .await;
+    assert_eq!(refused.status, 401, "{}", refused.text());
+    assert!(env.stored("/articles/1"), "refused, yet removed");
+
+    let purged = request(
+        "PURGEKEYS",
+        &nginx.url("/"),
+        &[
+            ("xkey-softpurge", "article:1 about"),
+            ("Authorization", &auth),
+        ],
+        b"",
+    )
+    .await;
+    assert_eq!(purged.status, 200, "{}", purged.text());
+    assert_eq!(body_json(&purged)["pages"], 2, "{}", purged.text());
+    assert!(!env.stored("/articles/1") && !env.stored("/about"));
+    assert!(env.stored("/articles/2"), "an untouched tag's page stays");
+
+    let purged = request(
+        "PURGE",
+        &nginx.url("/articles/2"),
+        &[("Authorization", &auth)],
+        b"",
+    )
+    .await;
+    assert_eq!(purged.status, 200, "{}", purged.text());
+    assert!(!env.stored("/articles/2"), "PURGE <url> removes that page");
+    assert_cache(&env.page("/articles/2").await, "MISS");
+}

@@ -177,6 +177,26 @@ impl From<ServerSpec> for ServerSpecRepr {
     }
 }
 
+/// A response header that carries tags (`cache.tag_headers`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TagHeader {
+    /// The header name (case-insensitive), e.g. `surrogate-key`.
+    pub name: String,
+    /// What separates its tags.
+    pub separator: TagSeparator,
+}
+
+/// What separates the tags in one header value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TagSeparator {
+    /// `a, b` (surrounding spaces trimmed).
+    Comma,
+    /// `a b` (any run of spaces or tabs).
+    Space,
+}
+
 /// `cache.allowed_hosts` by default: loopback only.
 const DEFAULT_HOSTS: [&str; 2] = ["localhost", "127.0.0.1"];
 
@@ -238,6 +258,13 @@ pub struct CacheConfig {
     /// default names only loopback, so a local demo works and a production
     /// site caches nothing until its names are set (the proxy says so at start).
     pub allowed_hosts: Vec<String>,
+    /// Response headers read as the page's tags, each with its separator;
+    /// all of them are removed before the client sees the response. Besides
+    /// the default `X-Cache-Tags` (comma), what other caches' apps send:
+    /// `X-Drupal-Cache-Tags` (space), `X-Magento-Tags` (comma),
+    /// `Surrogate-Key` (space, Fastly), `Cache-Tag` (comma, Cloudflare),
+    /// `xkey` (space, Varnish xkey).
+    pub tag_headers: Vec<TagHeader>,
     /// Largest body stored (after gzip when `gzip` is on).
     pub max_body_bytes: usize,
     /// Store gzip bodies flagged with `gzip_flag` (nginx `memcached_gzip_flag`).
@@ -265,6 +292,10 @@ impl Default for CacheConfig {
             session_cookies: vec!["sessionid".to_owned()],
             content_types: vec!["text/html".to_owned()],
             allowed_hosts: DEFAULT_HOSTS.iter().map(|h| (*h).to_owned()).collect(),
+            tag_headers: vec![TagHeader {
+                name: "x-cache-tags".to_owned(),
+                separator: TagSeparator::Comma,
+            }],
             max_body_bytes: 1_000_000,
             gzip: false,
             gzip_flag: 2,
@@ -315,8 +346,12 @@ pub struct ProxyConfig {
     pub listen: String,
     /// The backend, `http://host:port` or `unix:/path` (HTTP/1.1 over a unix socket).
     pub upstream: String,
-    /// Bearer token for `POST /_mcpage/invalidate`; none disables the endpoint.
+    /// Bearer token for `POST /_mcpage/invalidate` and Varnish-style
+    /// `PURGE`/`PURGEKEYS`; none disables the endpoint.
     pub invalidate_token: Option<String>,
+    /// Accept `PURGE`/`PURGEKEYS` (xkey) without a token from a client on
+    /// loopback (nginx's `X-Real-IP`), as Varnish ACLs usually do.
+    pub purge_from_loopback: bool,
     /// How long the backend may take to connect and send its response head
     /// before the proxy answers 504.
     pub upstream_timeout_ms: u64,
@@ -334,6 +369,7 @@ impl Default for ProxyConfig {
             listen: "127.0.0.1:8081".to_owned(),
             upstream: "http://127.0.0.1:8000".to_owned(),
             invalidate_token: None,
+            purge_from_loopback: false,
             upstream_timeout_ms: 30_000,
             upstream_idle_timeout_ms: 1000,
             cache_untagged: false,
@@ -349,6 +385,7 @@ pub(crate) struct Compiled {
     pub(crate) content_types: Vec<String>,
     pub(crate) session_cookies: Vec<String>,
     pub(crate) allowed_hosts: Vec<Vec<u8>>,
+    pub(crate) tag_headers: Vec<(http::HeaderName, TagSeparator)>,
 }
 
 impl Config {
@@ -518,6 +555,28 @@ impl Config {
                 Ok(normalized)
             })
             .collect::<Result<Vec<_>>>()?;
+        if self.cache.tag_headers.is_empty() {
+            return Err(Error::config(
+                "cache.tag_headers",
+                "needs at least one header (x-cache-tags)",
+            ));
+        }
+        let tag_headers = self
+            .cache
+            .tag_headers
+            .iter()
+            .enumerate()
+            .map(|(i, header)| {
+                http::HeaderName::from_bytes(header.name.as_bytes())
+                    .map(|name| (name, header.separator))
+                    .map_err(|_| {
+                        Error::config(
+                            format!("cache.tag_headers[{i}].name"),
+                            format!("`{}` is not a header name", header.name),
+                        )
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
         check_nginx_size("nginx.buffer_size", &self.nginx.buffer_size)?;
         Ok(Compiled {
             include: compile_regexes("cache.include", &self.cache.include)?,
@@ -530,6 +589,7 @@ impl Config {
                 .collect(),
             session_cookies: self.cache.session_cookies.clone(),
             allowed_hosts,
+            tag_headers,
         })
     }
 }

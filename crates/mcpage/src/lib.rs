@@ -72,6 +72,7 @@ pub struct ReadmeDoctests;
 pub use cache::Cache;
 pub use config::{
     CacheConfig, Config, KeysConfig, MemcachedConfig, NginxConfig, ProxyConfig, ServerSpec,
+    TagHeader, TagSeparator,
 };
 pub use error::{Error, Result};
 pub use invalidate::{Invalidator, Removed, RemovedItem};

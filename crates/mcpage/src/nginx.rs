@@ -403,6 +403,8 @@ fn render_server(out: &mut String, config: &Config) {
         let _ = writeln!(out, "        charset_types {};", charset_types.join(" "));
     }
     out.push_str("        add_header X-Cache HIT;\n");
+    // RFC 9211: the layer answers misses and bypasses with its own.
+    out.push_str("        add_header Cache-Status \"mcpage; hit\";\n");
     out.push_str("        error_page 404 502 504 = @mcpage_app;\n");
     out.push_str("    }\n\n");
 
@@ -637,6 +639,7 @@ mod tests {
             "default_type \"text/html\";",
             "charset \"utf-8\";",
             "add_header X-Cache HIT;",
+            "add_header Cache-Status \"mcpage; hit\";",
             "error_page 404 502 504 = @mcpage_app;",
             "error_page 418 = @mcpage_app;",
             "if ($mcpage_bypass) {",

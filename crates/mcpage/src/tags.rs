@@ -20,6 +20,8 @@
 
 use sha2::{Digest, Sha256};
 
+use crate::config::TagSeparator;
+
 /// Below this size an index item is never compacted.
 pub(crate) const COMPACT_MIN_BYTES: usize = 4096;
 
@@ -187,10 +189,14 @@ pub(crate) fn needs_compaction(size: usize, compacted: usize, adding: usize) -> 
 
 /// Tags from an `X-Cache-Tags` header value: comma-separated, trimmed, empty
 /// ones dropped. `None` when there are too many or one is too long.
-pub(crate) fn parse_header(value: &[u8]) -> Option<Vec<String>> {
+pub(crate) fn parse_header(value: &[u8], separator: TagSeparator) -> Option<Vec<String>> {
     let text = std::str::from_utf8(value).ok()?;
     let mut tags = Vec::new();
-    for tag in text.split(',') {
+    let pieces: Box<dyn Iterator<Item = &str>> = match separator {
+        TagSeparator::Comma => Box::new(text.split(',')),
+        TagSeparator::Space => Box::new(text.split([' ', '\t'])),
+    };
+    for tag in pieces {
         let tag = tag.trim();
         if tag.is_empty() {
             continue;
@@ -266,17 +272,34 @@ mod tests {
     #[test]
     fn header_parsing() {
         assert_eq!(
-            parse_header(b" comments, article:42 ,,comments"),
+            parse_header(b" comments, article:42 ,,comments", TagSeparator::Comma),
             Some(vec!["article:42".to_owned(), "comments".to_owned()])
         );
-        assert_eq!(parse_header(b""), Some(vec![]));
-        assert_eq!(parse_header(b"\xff"), None);
+        assert_eq!(parse_header(b"", TagSeparator::Comma), Some(vec![]));
+        assert_eq!(
+            parse_header(
+                b"node:1  node_list\tconfig:system.site",
+                TagSeparator::Space
+            ),
+            Some(vec![
+                "config:system.site".to_owned(),
+                "node:1".to_owned(),
+                "node_list".to_owned()
+            ])
+        );
+        assert_eq!(parse_header(b"\xff", TagSeparator::Comma), None);
         let many = (0..=MAX_TAGS_PER_PAGE)
             .map(|i| format!("t{i}"))
             .collect::<Vec<_>>()
             .join(",");
-        assert_eq!(parse_header(many.as_bytes()), None);
-        assert_eq!(parse_header("x".repeat(MAX_TAG_BYTES + 1).as_bytes()), None);
+        assert_eq!(parse_header(many.as_bytes(), TagSeparator::Comma), None);
+        assert_eq!(
+            parse_header(
+                "x".repeat(MAX_TAG_BYTES + 1).as_bytes(),
+                TagSeparator::Comma
+            ),
+            None
+        );
     }
 
     proptest! {
@@ -295,7 +318,7 @@ mod tests {
 
         #[test]
         fn header_parsing_never_panics(value in proptest::collection::vec(any::<u8>(), 0..2000)) {
-            let _ = parse_header(&value);
+            let _ = parse_header(&value, TagSeparator::Comma);
         }
     }
 }

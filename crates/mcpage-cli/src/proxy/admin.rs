@@ -34,7 +34,7 @@ impl Token {
             .map(|t| Token(digest(t.as_bytes())))
     }
 
-    fn matches(&self, presented: &[u8]) -> bool {
+    pub(crate) fn matches(&self, presented: &[u8]) -> bool {
         bool::from(self.0.ct_eq(&digest(presented)))
     }
 }
@@ -96,7 +96,7 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> 
     response
 }
 
-fn error_json(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+pub(crate) fn error_json(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
     json(status, &serde_json::json!({ "error": message }))
 }
 
@@ -115,17 +115,17 @@ fn not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
 /// (`"tag"`) is a 400 rather than a silent no-op.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct InvalidateRequest {
+pub(crate) struct InvalidateRequest {
     #[serde(default)]
-    tags: Vec<String>,
+    pub(crate) tags: Vec<String>,
     #[serde(default)]
-    urls: Vec<String>,
+    pub(crate) urls: Vec<String>,
     #[serde(default)]
-    prefix: Option<String>,
+    pub(crate) prefix: Option<String>,
 }
 
 /// The `Authorization: Bearer <token>` value, when the scheme is Bearer.
-fn bearer(request: &Request<Incoming>) -> Option<&[u8]> {
+pub(crate) fn bearer(request: &Request<Incoming>) -> Option<&[u8]> {
     let value = request.headers().get(AUTHORIZATION)?.as_bytes();
     let (scheme, token) = value.split_at_checked(7)?;
     scheme
@@ -139,14 +139,7 @@ async fn invalidate(
     request: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     if !bearer(&request).is_some_and(|presented| token.matches(presented)) {
-        let mut response = error_json(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong `Authorization: Bearer <token>`",
-        );
-        response
-            .headers_mut()
-            .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        return response;
+        return unauthorized();
     }
     let body = match Limited::new(request.into_body(), MAX_INVALIDATE_BODY)
         .collect()
@@ -177,6 +170,24 @@ async fn invalidate(
             );
         }
     };
+    apply(state, wanted).await
+}
+
+/// 401 with the scheme to use.
+pub(crate) fn unauthorized() -> Response<Full<Bytes>> {
+    let mut response = error_json(
+        StatusCode::UNAUTHORIZED,
+        "missing or wrong `Authorization: Bearer <token>`",
+    );
+    response
+        .headers_mut()
+        .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
+}
+
+/// Run an authorized invalidation (JSON endpoint or Varnish-style purge):
+/// 200 with counts, 400 for a URL without a key, 502 when memcached did not confirm.
+pub(crate) async fn apply(state: &State, wanted: InvalidateRequest) -> Response<Full<Bytes>> {
     if wanted.prefix.as_deref() == Some("") {
         return error_json(
             StatusCode::BAD_REQUEST,

@@ -33,7 +33,6 @@ use tokio::net::UnixStream;
 const POOL_MAX_IDLE: usize = 64;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_CACHE_TAGS: HeaderName = HeaderName::from_static("x-cache-tags");
 
 /// The authority of requests sent over a unix socket: the pool's key, and the
 /// `Host` of a request that came without one.
@@ -206,8 +205,10 @@ pub(crate) struct ForwardOptions {
     pub(crate) head_timeout: Duration,
     /// How long an idle connection stays in the pool; zero: never reused.
     pub(crate) idle_timeout: Duration,
-    /// Also cache responses without `X-Cache-Tags`.
+    /// Also cache responses without a tag header.
     pub(crate) cache_untagged: bool,
+    /// The response headers that carry tags (`cache.tag_headers`).
+    pub(crate) tag_headers: Vec<HeaderName>,
 }
 
 /// The tower service that sends a request to the upstream.
@@ -217,6 +218,7 @@ pub(crate) struct Forward {
     upstream: Arc<Upstream>,
     head_timeout: Duration,
     cache_untagged: bool,
+    tag_headers: Arc<[HeaderName]>,
     retries: Arc<AtomicU64>,
 }
 
@@ -243,6 +245,7 @@ impl Forward {
             upstream: Arc::new(upstream),
             head_timeout: options.head_timeout,
             cache_untagged: options.cache_untagged,
+            tag_headers: Arc::from(options.tag_headers.as_slice()),
             retries: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -309,7 +312,11 @@ impl Forward {
         match result {
             Ok(Ok(mut response)) => {
                 remove_hop_by_hop(response.headers_mut());
-                if !self.cache_untagged && !response.headers().contains_key(&X_CACHE_TAGS) {
+                let tagged = self
+                    .tag_headers
+                    .iter()
+                    .any(|name| response.headers().contains_key(name));
+                if !self.cache_untagged && !tagged {
                     response.extensions_mut().insert(SkipCache);
                 }
                 Ok(response)

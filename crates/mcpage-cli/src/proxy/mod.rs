@@ -13,6 +13,7 @@
 
 mod admin;
 mod forward;
+mod xkey;
 
 use std::convert::Infallible;
 use std::net::IpAddr;
@@ -83,6 +84,8 @@ pub(crate) struct State {
     /// The service under the layer (shares its counters).
     forward: Forward,
     token: Option<admin::Token>,
+    /// Varnish-style purges from a loopback client need no token.
+    purge_from_loopback: bool,
     upstream_errors: AtomicU64,
 }
 
@@ -123,12 +126,19 @@ pub(crate) async fn run(config: &mcpage::Config, args: Args) -> anyhow::Result<E
             head_timeout: Duration::from_millis(upstream_timeout_ms),
             idle_timeout: Duration::from_millis(config.proxy.upstream_idle_timeout_ms),
             cache_untagged,
+            tag_headers: config
+                .cache
+                .tag_headers
+                .iter()
+                .filter_map(|header| http::HeaderName::from_bytes(header.name.as_bytes()).ok())
+                .collect(),
         },
     );
     let state = Arc::new(State {
         service: PageCacheLayer::new(cache.clone()).layer(forward.clone()),
         forward,
         token: admin::Token::new(config.proxy.invalidate_token.as_deref()),
+        purge_from_loopback: config.proxy.purge_from_loopback,
         cache,
         upstream_errors: AtomicU64::new(0),
     });
@@ -340,6 +350,9 @@ async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     if request.uri().path().starts_with("/_mcpage/") {
         return Ok(admin::handle(&state, request).await.map(Either::Right));
+    }
+    if xkey::is_purge(&request) {
+        return Ok(xkey::handle(&state, peer, request).await.map(Either::Right));
     }
     if request.method() == Method::CONNECT {
         return Ok(text(

@@ -20,9 +20,11 @@ use http_body::Body;
 use http_body_util::BodyExt;
 
 static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
-static X_CACHE_TAGS: HeaderName = HeaderName::from_static("x-cache-tags");
+static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 static MISS: HeaderValue = HeaderValue::from_static("MISS");
 static BYPASS: HeaderValue = HeaderValue::from_static("BYPASS");
+static STORED: HeaderValue = HeaderValue::from_static("mcpage; fwd=uri-miss; stored");
+static COLLAPSED: HeaderValue = HeaderValue::from_static("mcpage; fwd=uri-miss; collapsed");
 
 /// With gzip on, bodies up to this many times `max_body_bytes` are buffered
 /// in the hope they compress below the limit.
@@ -96,10 +98,60 @@ fn original_uri<B>(request: &Request<B>) -> &http::Uri {
     request.uri()
 }
 
-fn mark<B>(response: &mut Response<B>, value: &HeaderValue) {
-    response
-        .headers_mut()
-        .insert(X_CACHE.clone(), value.clone());
+/// What the layer did with a request: `X-Cache` and RFC 9211 `Cache-Status`
+/// (`fwd=bypass` when the request was never cacheable, `fwd=uri-miss` when
+/// it missed; `detail` names the [`Bypass`] reason; nginx answers hits with
+/// `mcpage; hit`).
+enum Outcome {
+    /// The request is not cacheable.
+    Bypass(Bypass),
+    /// It missed, and the response is not stored (with the reason, if any).
+    NotStored(Option<Bypass>),
+    /// It missed; the response is being stored.
+    Stored,
+    /// Answered from a concurrent request's render (single-flight).
+    Collapsed,
+}
+
+fn mark<B>(response: &mut Response<B>, outcome: Outcome) {
+    set_status(response.headers_mut(), outcome);
+}
+
+fn set_status(headers: &mut HeaderMap, outcome: Outcome) {
+    let (x_cache, status) = match outcome {
+        Outcome::Bypass(reason) => (
+            &BYPASS,
+            HeaderValue::from_maybe_shared(Bytes::from(format!(
+                "mcpage; fwd=bypass; detail={}",
+                reason.reason()
+            ))),
+        ),
+        Outcome::NotStored(Some(reason)) => (
+            &BYPASS,
+            HeaderValue::from_maybe_shared(Bytes::from(format!(
+                "mcpage; fwd=uri-miss; detail={}",
+                reason.reason()
+            ))),
+        ),
+        Outcome::NotStored(None) => (
+            &BYPASS,
+            Ok(HeaderValue::from_static("mcpage; fwd=uri-miss")),
+        ),
+        Outcome::Stored => (&MISS, Ok(STORED.clone())),
+        Outcome::Collapsed => (&MISS, Ok(COLLAPSED.clone())),
+    };
+    headers.insert(X_CACHE.clone(), x_cache.clone());
+    // Reasons are snake_case ASCII: the value is always valid.
+    if let Ok(status) = status {
+        headers.insert(CACHE_STATUS.clone(), status);
+    }
+}
+
+/// Remove every configured tag header (the client never sees tags).
+fn strip_tags(cache: &Cache, headers: &mut HeaderMap) {
+    for (name, _) in &cache.policy().tag_headers {
+        headers.remove(name);
+    }
 }
 
 impl<S, ReqBody, ResBody> tower::Service<Request<ReqBody>> for PageCache<S>
@@ -127,7 +179,7 @@ where
             Err(reason) => {
                 self.cache.metrics().bypassed(reason);
                 tracing::debug!(reason = reason.reason(), uri = %request.uri(), "cache bypass");
-                Box::pin(bypass(inner, request))
+                Box::pin(bypass(inner, self.cache.clone(), request, reason))
             }
             Ok(key) => {
                 let flights = self.single_flight.then(|| Arc::clone(&self.flights));
@@ -139,15 +191,17 @@ where
 
 async fn bypass<S, ReqBody, ResBody>(
     mut inner: S,
+    cache: Cache,
     request: Request<ReqBody>,
+    reason: Bypass,
 ) -> Result<Response<PageBody<ResBody>>, S::Error>
 where
     S: tower::Service<Request<ReqBody>, Response = Response<ResBody>>,
     ResBody: Body<Data = Bytes>,
 {
     let mut response = inner.call(request).await?.map(PageBody::inner);
-    response.headers_mut().remove(&X_CACHE_TAGS);
-    mark(&mut response, &BYPASS);
+    strip_tags(&cache, response.headers_mut());
+    mark(&mut response, Outcome::Bypass(reason));
     Ok(response)
 }
 
@@ -171,7 +225,7 @@ where
         Err(error) => {
             metrics.bypassed(Bypass::Unavailable);
             tracing::debug!(%error, "cache bypass: invalidation clock unavailable");
-            return bypass(inner, request).await;
+            return bypass(inner, cache, request, Bypass::Unavailable).await;
         }
     };
     let leader = match role {
@@ -190,6 +244,7 @@ where
                 let mut response = Response::new(PageBody::buffered(shared.body.clone(), None));
                 *response.status_mut() = shared.status;
                 *response.headers_mut() = shared.headers.clone();
+                mark(&mut response, Outcome::Collapsed);
                 return Ok(response);
             }
             // The leader's response was not cacheable, is older than an
@@ -202,7 +257,17 @@ where
     metrics.misses.fetch_add(1, Ordering::Relaxed);
     let response = inner.call(request).await?;
     let (mut parts, body) = response.into_parts();
-    let header_tags = parts.headers.remove(&X_CACHE_TAGS);
+    // Every configured tag header, each value parsed with its separator.
+    let mut header_tags: Option<Vec<String>> = Some(Vec::new());
+    for (name, separator) in &cache.policy().tag_headers {
+        for value in parts.headers.get_all(name) {
+            header_tags = header_tags.and_then(|mut tags| {
+                tags.extend(tags::parse_header(value.as_bytes(), *separator)?);
+                Some(tags)
+            });
+        }
+    }
+    strip_tags(&cache, &mut parts.headers);
 
     let config = &cache.config().cache;
     let decision = if parts.extensions.get::<SkipCache>().is_some() {
@@ -216,15 +281,12 @@ where
         )
     };
     let tags = decision.and_then(|ttl| {
-        let mut tags = match &header_tags {
-            Some(value) => tags::parse_header(value.as_bytes()).ok_or(Bypass::Tags)?,
-            None => Vec::new(),
-        };
+        let mut tags = header_tags.ok_or(Bypass::Tags)?;
         if let Some(extension) = parts.extensions.get::<CacheTags>() {
             tags.extend(extension.as_slice().iter().map(|t| t.trim().to_owned()));
-            tags.sort();
-            tags.dedup();
         }
+        tags.sort();
+        tags.dedup();
         if tags.len() > tags::MAX_TAGS_PER_PAGE
             || tags.iter().any(|t| t.len() > tags::MAX_TAG_BYTES)
         {
@@ -238,7 +300,7 @@ where
             metrics.bypassed(reason);
             tracing::debug!(reason = reason.reason(), "cache bypass (response)");
             let mut response = Response::from_parts(parts, PageBody::inner(body));
-            mark(&mut response, &BYPASS);
+            mark(&mut response, Outcome::NotStored(Some(reason)));
             return Ok(response);
         }
     };
@@ -253,16 +315,25 @@ where
         Collected::TooLarge(prefix, rest) => {
             metrics.bypassed(Bypass::TooLarge);
             let mut response = Response::from_parts(parts, PageBody::chain(prefix, rest));
-            mark(&mut response, &BYPASS);
+            mark(&mut response, Outcome::NotStored(Some(Bypass::TooLarge)));
             return Ok(response);
         }
         Collected::Failed(prefix, error) => {
             let mut response = Response::from_parts(parts, PageBody::failed(prefix, error));
-            mark(&mut response, &BYPASS);
+            mark(&mut response, Outcome::NotStored(None));
             return Ok(response);
         }
     };
-    parts.headers.insert(X_CACHE.clone(), MISS.clone());
+    if trailers.is_none() {
+        set_status(&mut parts.headers, Outcome::Stored);
+    } else {
+        // Trailers cannot be stored for nginx; the response itself is fine.
+        parts.headers.insert(X_CACHE.clone(), MISS.clone());
+        parts.headers.insert(
+            CACHE_STATUS.clone(),
+            HeaderValue::from_static("mcpage; fwd=uri-miss"),
+        );
+    }
     if let Some(leader) = &leader {
         leader.finish(trailers.is_none().then(|| {
             Arc::new(Shared {
