@@ -4,7 +4,6 @@
 
 use axum::Router;
 use axum::extract::Request;
-use axum::http::header;
 use axum::response::IntoResponse;
 use mcpage::{PageCacheLayer, TagHeader, TagSeparator};
 use mcpage_tests::Stack;
@@ -12,7 +11,7 @@ use mcpage_tests::Stack;
 /// `/drupal/...` tags like Drupal, `/fastly/...` like Fastly apps.
 async fn page(request: Request) -> impl IntoResponse {
     let path = request.uri().path().to_owned();
-    let html = (header::CONTENT_TYPE, "text/html; charset=utf-8");
+    let html = ("content-type", "text/html; charset=utf-8");
     if path.starts_with("/drupal/") {
         ([html, ("x-drupal-cache-tags", "node:1 node_list")], path).into_response()
     } else if path.starts_with("/fastly/") {
