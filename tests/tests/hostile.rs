@@ -272,7 +272,7 @@ fn request_targets_through_the_layer() {
                 .fallback(|| async {
                     (
                         CacheTags::new(["fuzz"]),
-                        [(header::CONTENT_TYPE, "text/html")],
+                        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
                         "ok",
                     )
                 })
@@ -388,7 +388,7 @@ async fn tagged_page(State(t): State<Tagged>, OriginalUri(uri): OriginalUri) -> 
     let header_value = t.header.lock().expect("lock").clone();
     let mut response = (
         CacheTags::new(tags),
-        [(header::CONTENT_TYPE, "text/html")],
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
         format!("page {}", uri.path()),
     )
         .into_response();
@@ -628,7 +628,7 @@ async fn huge_x_cache_tags_headers_through_nginx() {
                 _ => "ok, fine".to_owned(),
             };
             (
-                [(header::CONTENT_TYPE, "text/html")],
+                [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
                 [("x-cache-tags", value)],
                 format!("page {}", uri.path()),
             )
@@ -1024,7 +1024,7 @@ async fn page_over_the_item_limit(gzip: bool) {
                 };
                 (
                     CacheTags::new(["grow"]),
-                    [(header::CONTENT_TYPE, "text/html")],
+                    [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
                     page,
                 )
             }
@@ -1116,7 +1116,7 @@ async fn host_page(OriginalUri(uri): OriginalUri, headers: HeaderMap) -> Respons
         })
         .unwrap_or_default();
     (
-        [(header::CONTENT_TYPE, "text/html")],
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
         format!("host={host} path={}", uri.path()),
     )
         .into_response()
