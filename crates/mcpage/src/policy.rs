@@ -826,7 +826,8 @@ mod tests {
         let c = compiled();
         let html = ("content-type", "text/html; charset=utf-8");
         let now_date = date(0);
-        let table: Vec<(Vec<(&str, String)>, Result<u32, Bypass>)> = vec![
+        type Row<'a> = (Vec<(&'a str, String)>, Result<u32, Bypass>);
+        let table: Vec<Row> = vec![
             // No explicit lifetime: the configured TTL.
             (vec![], Ok(3600)),
             (vec![("date", now_date.clone())], Ok(3600)),
