@@ -101,7 +101,7 @@ async fn index_stays_bounded_under_churn() {
         .fallback(|OriginalUri(uri): OriginalUri| async move {
             (
                 CacheTags::new(tags_of(page_index(uri.path()))),
-                [(header::CONTENT_TYPE, "text/html")],
+                [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
                 format!("<p>page {}</p>", uri.path()),
             )
         })

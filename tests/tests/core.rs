@@ -524,7 +524,7 @@ async fn render_through_layer(
         .fallback(|OriginalUri(uri): OriginalUri| async move {
             (
                 CacheTags::new(["big"]),
-                [(header::CONTENT_TYPE, "text/html")],
+                [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
                 format!("page {uri}"),
             )
         })

@@ -82,7 +82,7 @@ async fn render(
     let vb = data.versions[b].load(Ordering::SeqCst);
     (
         CacheTags::new([tag_name(a), tag_name(b)]),
-        [(header::CONTENT_TYPE, "text/html")],
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
         format!("<p>/p/{page} {va} {vb}</p>"),
     )
 }

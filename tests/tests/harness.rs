@@ -78,7 +78,10 @@ async fn record(
     });
     (
         StatusCode::OK,
-        [("content-type", "text/html"), ("x-cache", "MISS")],
+        [
+            ("content-type", "text/html; charset=utf-8"),
+            ("x-cache", "MISS"),
+        ],
         reply,
     )
 }

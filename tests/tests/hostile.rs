@@ -268,7 +268,7 @@ fn request_targets_through_the_layer() {
                 .fallback(|| async {
                     (
                         CacheTags::new(["fuzz"]),
-                        [(header::CONTENT_TYPE, "text/html")],
+                        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
                         "ok",
                     )
                 })
@@ -384,7 +384,7 @@ async fn tagged_page(State(t): State<Tagged>, OriginalUri(uri): OriginalUri) -> 
     let header_value = t.header.lock().expect("lock").clone();
     let mut response = (
         CacheTags::new(tags),
-        [(header::CONTENT_TYPE, "text/html")],
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
         format!("page {}", uri.path()),
     )
         .into_response();
@@ -624,7 +624,7 @@ async fn huge_x_cache_tags_headers_through_nginx() {
                         _ => "ok, fine".to_owned(),
                     };
                     (
-                        [(header::CONTENT_TYPE, "text/html")],
+                        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
                         [("x-cache-tags", value)],
                         format!("page {}", uri.path()),
                     )
@@ -1027,7 +1027,7 @@ async fn page_over_the_item_limit(gzip: bool) {
                     };
                     (
                         CacheTags::new(["grow"]),
-                        [(header::CONTENT_TYPE, "text/html")],
+                        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
                         page,
                     )
                 }
@@ -1124,7 +1124,7 @@ async fn host_page(OriginalUri(uri): OriginalUri, headers: HeaderMap) -> Respons
         })
         .unwrap_or_default();
     (
-        [(header::CONTENT_TYPE, "text/html")],
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
         format!("host={host} path={}", uri.path()),
     )
         .into_response()

@@ -50,7 +50,7 @@ async fn no_stale_page_survives_concurrent_invalidation() {
                 yield_times(spin).await;
                 (
                     CacheTags::new(["data"]),
-                    [(header::CONTENT_TYPE, "text/html")],
+                    [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
                     format!("v{seen}"),
                 )
             },
@@ -149,7 +149,7 @@ async fn no_request_after_an_invalidation_gets_an_older_shared_render() {
             yield_times(4).await;
             (
                 CacheTags::new(["data"]),
-                [(header::CONTENT_TYPE, "text/html")],
+                [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
                 format!("{seen}"),
             )
         })

@@ -22,7 +22,7 @@ fn request() -> Request<Full<Bytes>> {
 
 async fn handler(_: Request<Full<Bytes>>) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(Response::builder()
-        .header("content-type", "text/html")
+        .header("content-type", "text/html; charset=utf-8")
         .body(Full::new(Bytes::from_static(b"<h1>hello</h1>")))
         .expect("response"))
 }

@@ -281,6 +281,9 @@ pub struct CacheConfig {
     /// Largest index item; a registration that would exceed it is refused
     /// (that page is then not cached) instead of nearing memcached's item limit.
     pub index_shard_max_bytes: usize,
+    /// Targeted cache-control fields (RFC 9213), highest precedence first: the
+    /// first one present and valid replaces `Cache-Control` for mcpage.
+    pub targeted_fields: Vec<String>,
 }
 
 impl Default for CacheConfig {
@@ -302,6 +305,11 @@ impl Default for CacheConfig {
             index_namespace: String::new(),
             index_shards: 16,
             index_shard_max_bytes: 256 * 1024,
+            targeted_fields: vec![
+                "mcpage-cache-control".to_owned(),
+                "cdn-cache-control".to_owned(),
+                "surrogate-control".to_owned(),
+            ],
         }
     }
 }
@@ -321,8 +329,13 @@ pub struct NginxConfig {
     pub keepalive: u32,
     /// `memcached_buffer_size`: at least the typical page (4k default cost 30-65%).
     pub buffer_size: String,
-    /// `charset` added to cached content types.
+    /// `charset` added to cached content types (`off`: none).
     pub charset: String,
+    /// Headers sent on every hit (`add_header NAME "VALUE" always;`), e.g.
+    /// `[["X-Frame-Options", "DENY"]]`. A response is stored only when it
+    /// carries exactly these values (and no other security header, see
+    /// [`CHECKED_HEADERS`](crate::CHECKED_HEADERS)), so a hit equals its miss.
+    pub add_headers: Vec<(String, String)>,
 }
 
 impl Default for NginxConfig {
@@ -333,6 +346,7 @@ impl Default for NginxConfig {
             keepalive: 512,
             buffer_size: "64k".to_owned(),
             charset: "utf-8".to_owned(),
+            add_headers: Vec::new(),
         }
     }
 }
@@ -386,6 +400,14 @@ pub(crate) struct Compiled {
     pub(crate) session_cookies: Vec<String>,
     pub(crate) allowed_hosts: Vec<Vec<u8>>,
     pub(crate) tag_headers: Vec<(http::HeaderName, TagSeparator)>,
+    /// `cache.targeted_fields`, in precedence order.
+    pub(crate) targeted_fields: Vec<http::HeaderName>,
+    /// The Content-Type nginx sends on a hit.
+    pub(crate) hit_types: crate::nginx::HitTypes,
+    /// `nginx.add_headers`.
+    pub(crate) add_headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// `CHECKED_HEADERS` and the names in `nginx.add_headers`.
+    pub(crate) checked_headers: Vec<http::HeaderName>,
 }
 
 impl Config {
@@ -578,7 +600,49 @@ impl Config {
             })
             .collect::<Result<Vec<_>>>()?;
         check_nginx_size("nginx.buffer_size", &self.nginx.buffer_size)?;
+        let targeted_fields = self
+            .cache
+            .targeted_fields
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                http::HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| {
+                    Error::config(format!("cache.targeted_fields[{i}]"), "not a header name")
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let charset = &self.nginx.charset;
+        if charset.is_empty()
+            || !charset
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:+".contains(&b))
+        {
+            return Err(Error::config(
+                "nginx.charset",
+                "must be a charset name such as utf-8, or off",
+            ));
+        }
+        let add_headers = self
+            .nginx
+            .add_headers
+            .iter()
+            .enumerate()
+            .map(|(i, (name, value))| check_add_header(i, name, value))
+            .collect::<Result<Vec<_>>>()?;
+        let mut checked_headers: Vec<http::HeaderName> = crate::policy::CHECKED_HEADERS
+            .iter()
+            .map(|name| http::HeaderName::from_static(name))
+            .collect();
+        for (name, _) in &add_headers {
+            if !checked_headers.contains(name) {
+                checked_headers.push(name.clone());
+            }
+        }
         Ok(Compiled {
+            targeted_fields,
+            hit_types: crate::nginx::HitTypes::new(self),
+            add_headers,
+            checked_headers,
             include: compile_regexes("cache.include", &self.cache.include)?,
             exclude: compile_regexes("cache.exclude", &self.cache.exclude)?,
             content_types: self
@@ -592,6 +656,42 @@ impl Config {
             tag_headers,
         })
     }
+}
+
+/// One `nginx.add_headers` entry: a header name nginx lets `add_header` set
+/// on a hit, and a value it renders verbatim (no `$` variables, no controls).
+fn check_add_header(
+    i: usize,
+    name: &str,
+    value: &str,
+) -> Result<(http::HeaderName, http::HeaderValue)> {
+    let field = format!("nginx.add_headers[{i}]");
+    let header = http::HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| Error::config(&field, format!("`{name}` is not a header name")))?;
+    if [
+        "content-type",
+        "content-length",
+        "content-encoding",
+        "x-cache",
+        "set-cookie",
+        "vary",
+    ]
+    .contains(&header.as_str())
+    {
+        return Err(Error::config(
+            &field,
+            format!("`{name}` is set by nginx or mcpage, not by add_headers"),
+        ));
+    }
+    if value.is_empty() || value.bytes().any(|b| b < b' ' || b == 0x7f || b == b'$') {
+        return Err(Error::config(
+            &field,
+            "the value must be non-empty, without control characters or `$` (nginx variables)",
+        ));
+    }
+    let value = http::HeaderValue::from_str(value)
+        .map_err(|_| Error::config(&field, "not a header value"))?;
+    Ok((header, value))
 }
 
 /// The longest index key past the namespace: `t:` + 32 hex digits + `:` + a

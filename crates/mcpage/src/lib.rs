@@ -77,5 +77,5 @@ pub use config::{
 pub use error::{Error, Result};
 pub use invalidate::{Invalidator, Removed, RemovedItem};
 pub use layer::{CacheTags, PageBody, PageCache, PageCacheLayer, SkipCache};
-pub use policy::{Bypass, UNKEYED_HEADERS};
+pub use policy::{Bypass, CHECKED_HEADERS, UNKEYED_HEADERS};
 pub use stats::{BypassCount, CacheStats, IndexUsage, ServerReport, ServerStats};

@@ -113,7 +113,7 @@ pub fn render_nginx_full(config: &Config, prefix_dir: &Path) -> String {
     let _ = writeln!(out, "lock_file {};", path("nginx.lock"));
     let _ = writeln!(out, "error_log {} warn;", path("error.log"));
     out.push_str("\nevents {\n    worker_connections 4096;\n}\n\nhttp {\n");
-    out.push_str(TYPES);
+    render_types(&mut out, "    ");
     out.push_str("    default_type application/octet-stream;\n");
     for (directive, dir) in [
         ("client_body_temp_path", "client_body_temp"),
@@ -138,27 +138,126 @@ pub fn render_nginx_full(config: &Config, prefix_dir: &Path) -> String {
     out
 }
 
-/// The `types` block of [`render_nginx_full`].
-const TYPES: &str = "    types {
-        text/html html htm shtml;
-        text/css css;
-        text/xml xml;
-        text/plain txt;
-        application/javascript js mjs;
-        application/json json;
-        application/rss+xml rss;
-        application/atom+xml atom;
-        application/pdf pdf;
-        image/svg+xml svg svgz;
-        image/png png;
-        image/jpeg jpeg jpg;
-        image/gif gif;
-        image/webp webp;
-        image/x-icon ico;
-        font/woff woff;
-        font/woff2 woff2;
+/// The types a hit gets from its URI's extension. Rendered as a `types`
+/// block inside the memcached location (so a site's own `mime.types` cannot
+/// change what a hit carries) and at the top of [`render_nginx_full`]; the
+/// layer stores a page only when its `Content-Type` is the one nginx will send.
+pub(crate) const HIT_TYPES: &[(&str, &[&str])] = &[
+    ("text/html", &["html", "htm", "shtml"]),
+    ("text/css", &["css"]),
+    ("text/xml", &["xml"]),
+    ("text/plain", &["txt"]),
+    ("application/javascript", &["js", "mjs"]),
+    ("application/json", &["json"]),
+    ("application/rss+xml", &["rss"]),
+    ("application/atom+xml", &["atom"]),
+    ("application/pdf", &["pdf"]),
+    ("image/svg+xml", &["svg", "svgz"]),
+    ("image/png", &["png"]),
+    ("image/jpeg", &["jpeg", "jpg"]),
+    ("image/gif", &["gif"]),
+    ("image/webp", &["webp"]),
+    ("image/x-icon", &["ico"]),
+    ("font/woff", &["woff"]),
+    ("font/woff2", &["woff2"]),
+];
+
+/// nginx's `charset_types` when none is configured (`ngx_http_charset_filter_module`).
+const DEFAULT_CHARSET_TYPES: [&str; 6] = [
+    "text/html",
+    "text/xml",
+    "text/plain",
+    "text/vnd.wap.wml",
+    "application/javascript",
+    "application/rss+xml",
+];
+
+/// The `Content-Type` nginx sends on a hit, as rendered from a [`Config`]:
+/// the type of the URI's extension ([`HIT_TYPES`]) or `default_type` (the
+/// first of `cache.content_types`), with `; charset=<nginx.charset>` when
+/// that type is one of `charset_types`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct HitTypes {
+    default_type: String,
+    charset: Option<String>,
+    /// The rendered `charset_types` (text/html is implied by nginx).
+    rendered_charset_types: Vec<String>,
+}
+
+impl HitTypes {
+    pub(crate) fn new(config: &Config) -> HitTypes {
+        let mut content_types: Vec<String> = Vec::new();
+        for media_type in &config.cache.content_types {
+            let media_type = media_type
+                .split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase();
+            if !media_type.is_empty() && !content_types.contains(&media_type) {
+                content_types.push(media_type);
+            }
+        }
+        let default_type = content_types
+            .first()
+            .map_or_else(|| "text/html".to_owned(), Clone::clone);
+        // nginx always adds `charset` to text/html (naming it again is a warning).
+        let rendered_charset_types = content_types
+            .into_iter()
+            .filter(|t| t != "text/html")
+            .collect();
+        let charset = (!config.nginx.charset.eq_ignore_ascii_case("off"))
+            .then(|| config.nginx.charset.to_ascii_lowercase());
+        HitTypes {
+            default_type,
+            charset,
+            rendered_charset_types,
+        }
     }
-";
+
+    /// Type and charset of a hit for the normalized `$uri`.
+    pub(crate) fn content_type_for(&self, uri: &[u8]) -> (&str, Option<&str>) {
+        let media_type = extension(uri)
+            .and_then(|ext| {
+                HIT_TYPES
+                    .iter()
+                    .find(|(_, exts)| exts.iter().any(|e| e.as_bytes().eq_ignore_ascii_case(ext)))
+            })
+            .map_or(self.default_type.as_str(), |(t, _)| t);
+        let charset_applies = media_type == "text/html"
+            || if self.rendered_charset_types.is_empty() {
+                DEFAULT_CHARSET_TYPES.contains(&media_type)
+            } else {
+                self.rendered_charset_types.iter().any(|t| t == media_type)
+            };
+        (
+            media_type,
+            self.charset.as_deref().filter(|_| charset_applies),
+        )
+    }
+}
+
+/// nginx's `r->exten` (`ngx_http_set_exten`): after the last `.` of the last
+/// segment, unless that dot starts the segment; bytes 0 and 1 are never looked at.
+fn extension(uri: &[u8]) -> Option<&[u8]> {
+    for i in (2..uri.len()).rev() {
+        match uri[i] {
+            b'.' if uri[i - 1] != b'/' => return Some(&uri[i + 1..]),
+            b'/' => return None,
+            _ => {}
+        }
+    }
+    None
+}
+
+/// A `types { ... }` block at `indent`.
+fn render_types(out: &mut String, indent: &str) {
+    let _ = writeln!(out, "{indent}types {{");
+    for (media_type, extensions) in HIT_TYPES {
+        let _ = writeln!(out, "{indent}    {media_type} {};", extensions.join(" "));
+    }
+    let _ = writeln!(out, "{indent}}}");
+}
 
 fn render_upstreams(out: &mut String, config: &Config) {
     let _ = writeln!(out, "upstream {MEMCACHED_UPSTREAM} {{");
@@ -331,23 +430,10 @@ fn render_server(out: &mut String, config: &Config) {
         out.push_str("geo $mcpage_dollar {\n    default \"$\";\n}\n\n");
     }
 
-    let mut content_types: Vec<String> = Vec::new();
-    for media_type in &config.cache.content_types {
-        let media_type = media_type
-            .split(';')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_ascii_lowercase();
-        if !media_type.is_empty() && !content_types.contains(&media_type) {
-            content_types.push(media_type);
-        }
-    }
-    let default_type = content_types.first().map_or("text/html", String::as_str);
-    // nginx always adds `charset` to text/html (naming it again is a warning).
-    let charset_types: Vec<String> = content_types
+    let hit_types = HitTypes::new(config);
+    let charset_types: Vec<String> = hit_types
+        .rendered_charset_types
         .iter()
-        .filter(|t| *t != "text/html")
         .map(|t| quote(t))
         .collect();
 
@@ -397,7 +483,13 @@ fn render_server(out: &mut String, config: &Config) {
         );
         out.push_str("        gunzip on;\n        gzip_vary on;\n");
     }
-    let _ = writeln!(out, "        default_type {};", quote(default_type));
+    // The hit's Content-Type comes from these alone (see `HitTypes`).
+    render_types(out, "        ");
+    let _ = writeln!(
+        out,
+        "        default_type {};",
+        quote(&hit_types.default_type)
+    );
     let _ = writeln!(out, "        charset {};", quote(&config.nginx.charset));
     if !charset_types.is_empty() {
         let _ = writeln!(out, "        charset_types {};", charset_types.join(" "));
@@ -405,6 +497,10 @@ fn render_server(out: &mut String, config: &Config) {
     out.push_str("        add_header X-Cache HIT;\n");
     // RFC 9211: the layer answers misses and bypasses with its own.
     out.push_str("        add_header Cache-Status \"mcpage; hit\";\n");
+    // The layer stores only responses that carry exactly these (policy.rs).
+    for (name, value) in &config.nginx.add_headers {
+        let _ = writeln!(out, "        add_header {name} {} always;", quote(value));
+    }
     out.push_str("        error_page 404 502 504 = @mcpage_app;\n");
     out.push_str("    }\n\n");
 
@@ -582,6 +678,13 @@ mod tests {
         config.nginx.buffer_size = "128k".into();
         config.nginx.keepalive = 64;
         config.keys.merge_slashes = false;
+        config.nginx.add_headers = vec![
+            ("X-Frame-Options".into(), "DENY".into()),
+            (
+                "Content-Security-Policy".into(),
+                "default-src 'self'; img-src \"data:\"".into(),
+            ),
+        ];
         config
     }
 
@@ -778,6 +881,9 @@ mod tests {
             "set $memcached_key \"p${mcpage_dollar}x\\\\:$uri\";",
             "default \"$\";",
             "\"~(?:^|;)\\s*(?:sessionid|remember\\x2Eme|a\\x24b)\\s*(?:=|;|$)\" 1;",
+            "add_header X-Frame-Options \"DENY\" always;",
+            "add_header Content-Security-Policy \"default-src 'self'; img-src \\\"data:\\\"\" always;",
+            "application/json json;",
         ] {
             assert_has(&text, line);
         }

@@ -5,10 +5,12 @@
 //! not cache is also never answered from memcached.
 
 use std::fmt;
+use std::time::{Duration, SystemTime};
 
-use headers::{CacheControl, HeaderMapExt, Vary};
+use headers::{HeaderMapExt, Vary};
 use http::header::{
-    AUTHORIZATION, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_TYPE, COOKIE, HOST, SET_COOKIE,
+    AGE, AUTHORIZATION, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_TYPE, COOKIE, DATE, EXPIRES, HOST,
+    HeaderName, HeaderValue, SET_COOKIE,
 };
 use http::{HeaderMap, Method, StatusCode};
 
@@ -70,7 +72,47 @@ pub enum Bypass {
     /// other than `Host`); the rendered nginx clears them, so only a request
     /// that did not come through it has one.
     UnkeyedHeader,
+    /// Already stale (RFC 9111 4.2): the remaining freshness lifetime
+    /// (`s-maxage` > `max-age` > `Expires` - `Date`, minus the current age
+    /// from `Age` and `Date`) is under one second, or the freshness
+    /// information is invalid (`Expires: 0`, an unparsable or obsolete-format
+    /// date, `max-age=-1`, `max-age="60"`, `max-age=1.5`, conflicting duplicates).
+    Stale,
+    /// A targeted cache-control field (`cache.targeted_fields`, RFC 9213:
+    /// `CDN-Cache-Control`, `Surrogate-Control`, ...) says `private`,
+    /// `no-store` or `no-cache`.
+    TargetedField,
+    /// The `Content-Type` nginx sends on a hit (the URI extension's type or
+    /// `default_type`, plus `charset` for `charset_types`) differs from the
+    /// response's, type or charset.
+    ContentTypeDiffers,
+    /// A security-relevant header ([`CHECKED_HEADERS`] or a name in
+    /// `nginx.add_headers`) differs from what nginx sends on a hit: the
+    /// response lacks a configured one, carries another value, or carries one
+    /// that nginx would drop.
+    HeaderDiffers,
 }
+
+/// Response headers that change how a browser treats the page. A hit carries
+/// none of the app's headers, only `nginx.add_headers`: a response is stored
+/// only when its values of these (and of every name in `nginx.add_headers`)
+/// are exactly the configured ones ([`Bypass::HeaderDiffers`]).
+pub const CHECKED_HEADERS: [&str; 14] = [
+    "content-security-policy",
+    "content-security-policy-report-only",
+    "x-frame-options",
+    "strict-transport-security",
+    "referrer-policy",
+    "x-content-type-options",
+    "permissions-policy",
+    "cross-origin-opener-policy",
+    "cross-origin-embedder-policy",
+    "cross-origin-resource-policy",
+    "content-disposition",
+    "x-xss-protection",
+    "x-permitted-cross-domain-policies",
+    "clear-site-data",
+];
 
 /// Request headers that are not part of the key but that frameworks honour to
 /// change the page: the host or scheme used for absolute links, the path
@@ -181,13 +223,36 @@ pub(crate) fn check_path(compiled: &Compiled, uri: &[u8]) -> Result<(), Bypass> 
     Ok(())
 }
 
-/// Response status and headers. Returns the TTL to store with: the configured
-/// one, shortened by `s-maxage`/`max-age` when the app asks for less.
+/// When the request started and its response head arrived, for the current
+/// age of a response (RFC 9111 4.2.3: `request_time`, `response_time`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timing {
+    pub(crate) request: SystemTime,
+    pub(crate) response: SystemTime,
+}
+
+impl Timing {
+    /// Both ends now (a response produced without waiting).
+    #[cfg(test)]
+    pub(crate) fn at(now: SystemTime) -> Timing {
+        Timing {
+            request: now,
+            response: now,
+        }
+    }
+}
+
+/// Response status and headers, for the page nginx will serve at `uri` (the
+/// normalized `$uri`). Returns the TTL to store with: the remaining freshness
+/// lifetime (RFC 9111 4.2), capped by `ttl_secs`; `ttl_secs` when the
+/// response gives no explicit lifetime.
 pub(crate) fn check_response(
     compiled: &Compiled,
     ttl_secs: u32,
     status: StatusCode,
     headers: &HeaderMap,
+    uri: &[u8],
+    timing: Timing,
 ) -> Result<u32, Bypass> {
     if status != StatusCode::OK {
         return Err(Bypass::Status);
@@ -198,20 +263,7 @@ pub(crate) fn check_response(
     if headers.contains_key(CONTENT_ENCODING) {
         return Err(Bypass::ContentEncoding);
     }
-    let media_type = headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| {
-            v.split(';')
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_ascii_lowercase()
-        })
-        .ok_or(Bypass::ContentType)?;
-    if !compiled.content_types.contains(&media_type) {
-        return Err(Bypass::ContentType);
-    }
+    check_representation(compiled, headers, uri)?;
     // RFC 9110 12.5.5: nginx serves one representation per key, so the only
     // variation a hit may carry is the encoding (gzip flag or gunzip).
     let vary = headers.typed_try_get::<Vary>().map_err(|_| Bypass::Vary)?;
@@ -223,33 +275,307 @@ pub(crate) fn check_response(
     {
         return Err(Bypass::Vary);
     }
-    // Safe side first, as nginx's own proxy cache does
-    // (`ngx_http_upstream_process_cache_control`): the words anywhere in the
-    // value, so a malformed `private; max-age=0` still keeps the page private.
+    let directives = governing_directives(compiled, headers)?;
+    let remaining = remaining_freshness(&directives, headers, timing)?;
+    let ttl = match remaining {
+        None => ttl_secs,
+        Some(remaining) => u32::try_from(remaining.as_secs())
+            .unwrap_or(u32::MAX)
+            .min(ttl_secs),
+    };
+    if ttl == 0 {
+        return Err(Bypass::Stale);
+    }
+    Ok(ttl)
+}
+
+/// The hit nginx produces has the response's `Content-Type` (type and
+/// charset, no other parameter) and the same security-relevant headers.
+fn check_representation(
+    compiled: &Compiled,
+    headers: &HeaderMap,
+    uri: &[u8],
+) -> Result<(), Bypass> {
+    let mut values = headers.get_all(CONTENT_TYPE).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return Err(Bypass::ContentType);
+    };
+    let value = value.to_str().map_err(|_| Bypass::ContentType)?;
+    let mut parts = split_unquoted(value, b';').into_iter();
+    let media_type = parts.next().unwrap_or_default().trim().to_ascii_lowercase();
+    if !compiled.content_types.contains(&media_type) {
+        return Err(Bypass::ContentType);
+    }
+    let (hit_type, hit_charset) = compiled.hit_types.content_type_for(uri);
+    if media_type != hit_type {
+        return Err(Bypass::ContentTypeDiffers);
+    }
+    let mut charset = None;
+    for parameter in parts {
+        let parameter = parameter.trim();
+        if parameter.is_empty() {
+            continue;
+        }
+        match parameter.split_once('=') {
+            Some((name, value))
+                if name.trim().eq_ignore_ascii_case("charset") && charset.is_none() =>
+            {
+                let value = value.trim();
+                let value = value
+                    .strip_prefix('"')
+                    .and_then(|v| v.strip_suffix('"'))
+                    .unwrap_or(value);
+                charset = Some(value);
+            }
+            // nginx sends no other parameter (and one charset).
+            _ => return Err(Bypass::ContentTypeDiffers),
+        }
+    }
+    let same_charset = match (charset, hit_charset) {
+        (None, None) => true,
+        (Some(got), Some(want)) => got.eq_ignore_ascii_case(want),
+        _ => false,
+    };
+    if !same_charset {
+        return Err(Bypass::ContentTypeDiffers);
+    }
+    for name in &compiled.checked_headers {
+        let got = headers.get_all(name).iter().map(HeaderValue::as_bytes);
+        let want = compiled
+            .add_headers
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_bytes());
+        if !got.eq(want) {
+            return Err(Bypass::HeaderDiffers);
+        }
+    }
+    Ok(())
+}
+
+/// Does the (lowercased) value hold one of the words that keep a response
+/// out of a shared cache, anywhere, as nginx's own proxy cache looks for them
+/// (`ngx_http_upstream_process_cache_control`)? A malformed `private;
+/// max-age=0` still keeps the page private.
+fn forbids_storing(value: &[u8]) -> bool {
+    let value = value.to_ascii_lowercase();
+    let has = |word: &[u8]| value.windows(word.len()).any(|w| w == word);
+    has(b"private") || has(b"no-store") || has(b"no-cache")
+}
+
+/// The directives that govern this cache (RFC 9213 2.2): the first targeted
+/// field of `cache.targeted_fields` that is present and valid replaces
+/// `Cache-Control`; an invalid one is ignored (but, on the safe side, its
+/// `private`/`no-store`/`no-cache` still count). Without one, `Cache-Control`.
+fn governing_directives(
+    compiled: &Compiled,
+    headers: &HeaderMap,
+) -> Result<Vec<Directive>, Bypass> {
+    for name in &compiled.targeted_fields {
+        let mut joined = Vec::new();
+        for value in headers.get_all(name) {
+            if !joined.is_empty() {
+                joined.extend_from_slice(b", ");
+            }
+            joined.extend_from_slice(value.as_bytes());
+        }
+        if joined.trim_ascii().is_empty() {
+            continue;
+        }
+        if forbids_storing(&joined) {
+            return Err(Bypass::TargetedField);
+        }
+        if let Some(directives) = std::str::from_utf8(&joined).ok().and_then(parse_directives)
+            && !directives.is_empty()
+        {
+            return Ok(directives);
+        }
+    }
     for value in headers.get_all(CACHE_CONTROL) {
-        let value = value.as_bytes().to_ascii_lowercase();
-        let has = |word: &[u8]| value.windows(word.len()).any(|w| w == word);
-        if has(b"private") || has(b"no-store") || has(b"no-cache") {
+        if forbids_storing(value.as_bytes()) {
             return Err(Bypass::CacheControl);
         }
     }
-    // RFC 9111 5.2.2: an unparsable Cache-Control (`max-age=abc`) is not
-    // trusted for a lifetime: not stored.
-    let cache_control = headers
-        .typed_try_get::<CacheControl>()
-        .map_err(|_| Bypass::CacheControl)?;
-    let secs = |d: std::time::Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
-    let mut ttl = ttl_secs;
-    if let Some(cc) = cache_control {
-        // s-maxage speaks to shared caches and overrides max-age (RFC 9111 5.2.2.10).
-        if let Some(lifetime) = cc.s_max_age().or(cc.max_age()) {
-            ttl = ttl.min(secs(lifetime));
+    // RFC 9111 5.2: an unparsable Cache-Control is not trusted: not stored.
+    let mut directives = Vec::new();
+    for value in headers.get_all(CACHE_CONTROL) {
+        let value = value.to_str().map_err(|_| Bypass::CacheControl)?;
+        directives.extend(parse_directives(value).ok_or(Bypass::CacheControl)?);
+    }
+    // Not `headers::CacheControl`: it matches directive names case-sensitively
+    // (`Max-Age=60` would be ignored) and refuses a whole value for an
+    // overlong `max-age` that RFC 9111 1.2.2 reads as 2^31.
+    Ok(directives)
+}
+
+/// One cache directive (RFC 9111 5.2): its name, lowercased, and its
+/// argument as written (a quoted string keeps its quotes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Directive {
+    name: String,
+    argument: Option<String>,
+}
+
+fn is_token(text: &str) -> bool {
+    !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// `text` split at `separator` outside double quotes.
+fn split_unquoted(text: &str, separator: u8) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let (mut start, mut quoted, mut escaped) = (0, false, false);
+    for (i, b) in text.bytes().enumerate() {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' if quoted => escaped = true,
+            b'"' => quoted = !quoted,
+            _ if b == separator && !quoted => {
+                parts.push(&text[start..i]);
+                start = i + 1;
+            }
+            _ => {}
         }
     }
-    if ttl == 0 {
-        return Err(Bypass::CacheControl);
+    parts.push(&text[start..]);
+    parts
+}
+
+/// `#cache-directive` (RFC 9111 5.2, RFC 9110 5.6.1 lists): `None` when it
+/// is not that syntax (an unterminated quote, a space inside a name, ...).
+fn parse_directives(value: &str) -> Option<Vec<Directive>> {
+    let mut directives = Vec::new();
+    for member in split_unquoted(value, b',') {
+        let member = member.trim_matches([' ', '\t']);
+        if member.is_empty() {
+            continue;
+        }
+        let (name, argument) = match member.split_once('=') {
+            Some((name, argument)) => (name, Some(argument)),
+            None => (member, None),
+        };
+        if !is_token(name) {
+            return None;
+        }
+        if let Some(argument) = argument {
+            let quoted =
+                argument.len() >= 2 && argument.starts_with('"') && argument.ends_with('"');
+            if !quoted && !is_token(argument) {
+                return None;
+            }
+        }
+        directives.push(Directive {
+            name: name.to_ascii_lowercase(),
+            argument: argument.map(str::to_owned),
+        });
     }
-    Ok(ttl)
+    Some(directives)
+}
+
+/// RFC 9111 1.2.2: larger delta-seconds are taken as 2^31.
+const MAX_DELTA_SECONDS: u64 = 1 << 31;
+
+/// `1*DIGIT`, saturating at 2^31; `None` for anything else.
+fn delta_seconds(text: &str) -> Option<u64> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(
+        text.parse::<u64>()
+            .map_or(MAX_DELTA_SECONDS, |n| n.min(MAX_DELTA_SECONDS)),
+    )
+}
+
+/// The argument of `name` (`max-age`, `s-maxage`): digits, in token or
+/// quoted-string form (RFC 9111 5.2: recipients accept both); anything else
+/// (`-1`, `'60'`, `1.5`, none) or conflicting occurrences: stale (4.2.1).
+fn lifetime_directive(directives: &[Directive], name: &str) -> Result<Option<u64>, Bypass> {
+    let mut found = None;
+    for directive in directives.iter().filter(|d| d.name == name) {
+        let seconds = directive
+            .argument
+            .as_deref()
+            .map(|a| {
+                a.strip_prefix('"')
+                    .and_then(|a| a.strip_suffix('"'))
+                    .unwrap_or(a)
+            })
+            .and_then(delta_seconds)
+            .ok_or(Bypass::Stale)?;
+        if found.is_some_and(|f| f != seconds) {
+            return Err(Bypass::Stale);
+        }
+        found = Some(seconds);
+    }
+    Ok(found)
+}
+
+/// An HTTP-date in the preferred IMF-fixdate form only (RFC 9110 5.6.7):
+/// `httpdate` parses it; the obsolete forms (two-digit years, asctime) and
+/// anything else give `None`.
+fn imf_fixdate(value: &HeaderValue) -> Option<SystemTime> {
+    let text = value.to_str().ok()?.trim();
+    let time = httpdate::parse_http_date(text).ok()?;
+    (httpdate::fmt_http_date(time) == text).then_some(time)
+}
+
+/// The one value of a singleton field, `None` when absent; two different
+/// values are an error.
+fn singleton<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Result<Option<&'h HeaderValue>, ()> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next();
+    if values.any(|v| Some(v) != first) {
+        return Err(());
+    }
+    Ok(first)
+}
+
+/// The remaining freshness lifetime at storing time (RFC 9111 4.2): `None`
+/// when the response gives no explicit lifetime.
+fn remaining_freshness(
+    directives: &[Directive],
+    headers: &HeaderMap,
+    timing: Timing,
+) -> Result<Option<Duration>, Bypass> {
+    // 4.2.3: the Date the origin sent, else when the response arrived.
+    let date = singleton(headers, &DATE)
+        .ok()
+        .flatten()
+        .and_then(|v| httpdate::parse_http_date(v.to_str().ok()?.trim()).ok())
+        .unwrap_or(timing.response);
+    // 4.2.1: s-maxage (a shared cache), then max-age, then Expires - Date.
+    let s_maxage = lifetime_directive(directives, "s-maxage")?;
+    let max_age = lifetime_directive(directives, "max-age")?;
+    let lifetime = match s_maxage.or(max_age) {
+        Some(seconds) => Duration::from_secs(seconds),
+        None => match singleton(headers, &EXPIRES).map_err(|()| Bypass::Stale)? {
+            None => return Ok(None),
+            // 5.3: an invalid date, especially `0`, is in the past.
+            Some(value) => imf_fixdate(value)
+                .ok_or(Bypass::Stale)?
+                .duration_since(date)
+                .map_err(|_| Bypass::Stale)?,
+        },
+    };
+    // 5.1: the first member of Age; an invalid one is ignored.
+    let age = headers
+        .get(AGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| delta_seconds(v.split(',').next().unwrap_or_default().trim()))
+        .map_or(Duration::ZERO, Duration::from_secs);
+    // 4.2.3: current_age = max(apparent_age, age_value + response_delay).
+    let apparent_age = timing.response.duration_since(date).unwrap_or_default();
+    let response_delay = timing
+        .response
+        .duration_since(timing.request)
+        .unwrap_or_default();
+    let current_age = apparent_age.max(age + response_delay);
+    match lifetime.checked_sub(current_age) {
+        Some(remaining) if remaining >= Duration::from_secs(1) => Ok(Some(remaining)),
+        _ => Err(Bypass::Stale),
+    }
 }
 
 #[cfg(test)]
@@ -369,7 +695,11 @@ mod tests {
         let html = ("content-type", "text/html; charset=utf-8");
         let table: &[(u16, Headers, Result<u32, Bypass>)] = &[
             (200, &[html], Ok(3600)),
-            (200, &[("content-type", "TEXT/HTML")], Ok(3600)),
+            (
+                200,
+                &[("content-type", "TEXT/HTML; charset=UTF-8")],
+                Ok(3600),
+            ),
             (404, &[html], Err(Bypass::Status)),
             (301, &[html], Err(Bypass::Status)),
             (200, &[], Err(Bypass::ContentType)),
@@ -398,7 +728,7 @@ mod tests {
             (
                 200,
                 &[html, ("cache-control", "max-age=0")],
-                Err(Bypass::CacheControl),
+                Err(Bypass::Stale),
             ),
             (
                 200,
@@ -438,17 +768,17 @@ mod tests {
             (
                 200,
                 &[html, ("cache-control", "max-age=abc")],
-                Err(Bypass::CacheControl),
+                Err(Bypass::Stale),
             ),
             (
                 200,
                 &[html, ("cache-control", "max-age=-3600")],
-                Err(Bypass::CacheControl),
+                Err(Bypass::Stale),
             ),
             (
                 200,
                 &[html, ("cache-control", "public, s-maxage=0, max-age=600")],
-                Err(Bypass::CacheControl),
+                Err(Bypass::Stale),
             ),
             (
                 200,
@@ -468,11 +798,720 @@ mod tests {
         for (status, pairs, expected) in table {
             let status = StatusCode::from_u16(*status).expect("status");
             assert_eq!(
-                check_response(&c, 3600, status, &headers(pairs)),
+                check_response(&c, 3600, status, &headers(pairs), b"/a", Timing::at(now())),
                 *expected,
                 "{status} {pairs:?}"
             );
         }
+    }
+
+    /// A fixed "now" on a whole second: 2026-11-29 12:00:00 UTC.
+    fn now() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_953_600)
+    }
+
+    fn date(offset: i64) -> String {
+        let at = if offset >= 0 {
+            now() + Duration::from_secs(offset.unsigned_abs())
+        } else {
+            now() - Duration::from_secs(offset.unsigned_abs())
+        };
+        httpdate::fmt_http_date(at)
+    }
+
+    /// RFC 9111 4.2: the TTL is the remaining freshness lifetime, capped by
+    /// `ttl_secs`; invalid freshness is stale.
+    #[test]
+    fn freshness_table() {
+        let c = compiled();
+        let html = ("content-type", "text/html; charset=utf-8");
+        let now_date = date(0);
+        type Row<'a> = (Vec<(&'a str, String)>, Result<u32, Bypass>);
+        let table: Vec<Row> = vec![
+            // No explicit lifetime: the configured TTL.
+            (vec![], Ok(3600)),
+            (vec![("date", now_date.clone())], Ok(3600)),
+            // max-age / s-maxage, capped by ttl_secs.
+            (vec![("cache-control", "max-age=60".into())], Ok(60)),
+            (vec![("cache-control", "Max-Age=60".into())], Ok(60)),
+            (
+                vec![("cache-control", "max-age=60, s-maxage=600".into())],
+                Ok(600),
+            ),
+            (
+                vec![("cache-control", "s-maxage=30, max-age=600".into())],
+                Ok(30),
+            ),
+            (vec![("cache-control", "max-age=99999".into())], Ok(3600)),
+            (
+                vec![("cache-control", "max-age=99999999999999999999".into())],
+                Ok(3600),
+            ),
+            (
+                vec![("cache-control", "max-age=0".into())],
+                Err(Bypass::Stale),
+            ),
+            (
+                vec![("cache-control", "s-maxage=0, max-age=600".into())],
+                Err(Bypass::Stale),
+            ),
+            // Invalid lifetimes are stale (4.2.1, 5.2.2.1).
+            (
+                vec![("cache-control", "max-age=-3600".into())],
+                Err(Bypass::Stale),
+            ),
+            (
+                vec![("cache-control", "max-age='3600'".into())],
+                Err(Bypass::Stale),
+            ),
+            (vec![("cache-control", "max-age=\"60\"".into())], Ok(60)),
+            (
+                vec![("cache-control", "max-age=\"-60\"".into())],
+                Err(Bypass::Stale),
+            ),
+            (
+                vec![("cache-control", "max-age=abc".into())],
+                Err(Bypass::Stale),
+            ),
+            (
+                vec![("cache-control", "max-age=1.5".into())],
+                Err(Bypass::Stale),
+            ),
+            (
+                vec![("cache-control", "max-age=+60".into())],
+                Err(Bypass::Stale),
+            ),
+            (
+                vec![("cache-control", "max-age".into())],
+                Err(Bypass::Stale),
+            ),
+            (
+                vec![("cache-control", "s-maxage=-1".into())],
+                Err(Bypass::Stale),
+            ),
+            (
+                vec![("cache-control", "max-age=60, max-age=3600".into())],
+                Err(Bypass::Stale),
+            ),
+            (
+                vec![("cache-control", "max-age=60, max-age=60".into())],
+                Ok(60),
+            ),
+            // Not the directive syntax at all: not trusted.
+            (
+                vec![("cache-control", "max-age 60".into())],
+                Err(Bypass::CacheControl),
+            ),
+            // Age and Date (4.2.3).
+            (
+                vec![
+                    ("cache-control", "max-age=3600".into()),
+                    ("age", "7200".into()),
+                ],
+                Err(Bypass::Stale),
+            ),
+            (
+                vec![
+                    ("cache-control", "max-age=3600".into()),
+                    ("age", "3600".into()),
+                ],
+                Err(Bypass::Stale),
+            ),
+            (
+                vec![
+                    ("cache-control", "max-age=3600".into()),
+                    ("age", "3000".into()),
+                ],
+                Ok(600),
+            ),
+            (
+                vec![("cache-control", "max-age=3".into()), ("age", "2".into())],
+                Ok(1),
+            ),
+            (
+                vec![
+                    ("cache-control", "max-age=600".into()),
+                    ("age", "100, 0".into()),
+                ],
+                Ok(500),
+            ),
+            (
+                vec![
+                    ("cache-control", "max-age=600".into()),
+                    ("age", "abc".into()),
+                ],
+                Ok(600),
+            ),
+            (
+                vec![
+                    ("cache-control", "max-age=600".into()),
+                    ("age", "-100".into()),
+                ],
+                Ok(600),
+            ),
+            (
+                vec![
+                    ("cache-control", "max-age=600".into()),
+                    ("date", date(-100)),
+                ],
+                Ok(500),
+            ),
+            (
+                vec![
+                    ("cache-control", "max-age=600".into()),
+                    ("date", date(-100)),
+                    ("age", "200".into()),
+                ],
+                Ok(400),
+            ),
+            (
+                vec![("cache-control", "max-age=600".into()), ("date", date(100))],
+                Ok(600),
+            ),
+            (
+                vec![
+                    ("cache-control", "max-age=600".into()),
+                    ("date", date(-600)),
+                ],
+                Err(Bypass::Stale),
+            ),
+            (
+                vec![
+                    ("cache-control", "max-age=600".into()),
+                    ("date", "garbage".into()),
+                ],
+                Ok(600),
+            ),
+            // Expires - Date (4.2.1, 5.3).
+            (
+                vec![("expires", date(600)), ("date", now_date.clone())],
+                Ok(600),
+            ),
+            (vec![("expires", date(600))], Ok(600)),
+            (
+                vec![("expires", date(99999)), ("date", now_date.clone())],
+                Ok(3600),
+            ),
+            (vec![("expires", date(600)), ("date", date(-100))], Ok(600)),
+            (
+                vec![
+                    ("expires", date(600)),
+                    ("date", now_date.clone()),
+                    ("age", "60".into()),
+                ],
+                Ok(540),
+            ),
+            (
+                vec![("expires", date(1)), ("date", now_date.clone())],
+                Ok(1),
+            ),
+            (
+                vec![("expires", date(-1)), ("date", now_date.clone())],
+                Err(Bypass::Stale),
+            ),
+            (
+                vec![("expires", now_date.clone()), ("date", now_date.clone())],
+                Err(Bypass::Stale),
+            ),
+            (vec![("expires", date(-3600))], Err(Bypass::Stale)),
+            (vec![("expires", "0".into())], Err(Bypass::Stale)),
+            (vec![("expires", "-1".into())], Err(Bypass::Stale)),
+            (vec![("expires", "".into())], Err(Bypass::Stale)),
+            (vec![("expires", "garbage".into())], Err(Bypass::Stale)),
+            (
+                vec![("expires", "Sunday, 29-Nov-26 13:00:00 GMT".into())],
+                Err(Bypass::Stale),
+            ),
+            (
+                vec![("expires", "Sun Nov 29 13:00:00 2026".into())],
+                Err(Bypass::Stale),
+            ),
+            (
+                vec![("expires", "Sun, 29 Nov 2026 13:00:00 EST".into())],
+                Err(Bypass::Stale),
+            ),
+            (
+                vec![("expires", "Sun, 29 Nov 2026 13:00:00 +0000".into())],
+                Err(Bypass::Stale),
+            ),
+            (
+                vec![("expires", date(600)), ("expires", date(700))],
+                Err(Bypass::Stale),
+            ),
+            // max-age and s-maxage win over Expires, even an invalid one (5.3).
+            (
+                vec![
+                    ("expires", "0".into()),
+                    ("cache-control", "max-age=60".into()),
+                ],
+                Ok(60),
+            ),
+            (
+                vec![
+                    ("expires", date(600)),
+                    ("cache-control", "s-maxage=60".into()),
+                ],
+                Ok(60),
+            ),
+            (
+                vec![
+                    ("expires", date(-600)),
+                    ("cache-control", "max-age=0".into()),
+                ],
+                Err(Bypass::Stale),
+            ),
+        ];
+        for (pairs, expected) in &table {
+            let mut pairs: Vec<(&str, &str)> =
+                pairs.iter().map(|(n, v)| (*n, v.as_str())).collect();
+            pairs.push(html);
+            assert_eq!(
+                check_response(
+                    &c,
+                    3600,
+                    StatusCode::OK,
+                    &headers(&pairs),
+                    b"/a",
+                    Timing::at(now())
+                ),
+                *expected,
+                "{pairs:?}"
+            );
+        }
+        // The render's own duration counts as age (response_delay).
+        let slow = Timing {
+            request: now() - Duration::from_millis(500),
+            response: now(),
+        };
+        let check = |pairs: &[(&str, &str)], timing| {
+            let mut pairs = pairs.to_vec();
+            pairs.push(html);
+            check_response(&c, 3600, StatusCode::OK, &headers(&pairs), b"/a", timing)
+        };
+        assert_eq!(
+            check(&[("cache-control", "max-age=3"), ("age", "2")], slow),
+            Err(Bypass::Stale)
+        );
+        assert_eq!(check(&[("cache-control", "max-age=60")], slow), Ok(59));
+        // A Date truncated to the second, with the response half a second later.
+        let later = Timing::at(now() + Duration::from_millis(500));
+        assert_eq!(
+            check(
+                &[("cache-control", "max-age=60"), ("date", &now_date)],
+                later
+            ),
+            Ok(59)
+        );
+    }
+
+    /// RFC 9213: the first targeted field that is present and valid replaces
+    /// Cache-Control.
+    #[test]
+    fn targeted_fields_table() {
+        let c = compiled();
+        let html = ("content-type", "text/html; charset=utf-8");
+        let table: &[(Headers, Result<u32, Bypass>)] = &[
+            (&[("cdn-cache-control", "max-age=60")], Ok(60)),
+            (
+                &[("cdn-cache-control", "private")],
+                Err(Bypass::TargetedField),
+            ),
+            (
+                &[("cdn-cache-control", "no-store")],
+                Err(Bypass::TargetedField),
+            ),
+            (&[("cdn-cache-control", "max-age=0")], Err(Bypass::Stale)),
+            (&[("cdn-cache-control", "max-age=-1")], Err(Bypass::Stale)),
+            (
+                &[("surrogate-control", "no-store")],
+                Err(Bypass::TargetedField),
+            ),
+            (&[("surrogate-control", "max-age=120")], Ok(120)),
+            (&[("mcpage-cache-control", "max-age=30")], Ok(30)),
+            // The targeted field replaces Cache-Control, both ways.
+            (
+                &[
+                    ("cache-control", "no-cache"),
+                    ("cdn-cache-control", "max-age=60"),
+                ],
+                Ok(60),
+            ),
+            (
+                &[
+                    ("cache-control", "private, max-age=0"),
+                    ("cdn-cache-control", "public, max-age=600"),
+                ],
+                Ok(600),
+            ),
+            (
+                &[
+                    ("cache-control", "max-age=600"),
+                    ("cdn-cache-control", "no-store"),
+                ],
+                Err(Bypass::TargetedField),
+            ),
+            (
+                &[
+                    ("cache-control", "max-age=600"),
+                    ("cdn-cache-control", "max-age=0"),
+                ],
+                Err(Bypass::Stale),
+            ),
+            (
+                &[
+                    ("cache-control", "max-age=600"),
+                    ("cdn-cache-control", "public"),
+                ],
+                Ok(3600),
+            ),
+            // Precedence: the configured order, first present and valid wins.
+            (
+                &[
+                    ("mcpage-cache-control", "max-age=30"),
+                    ("cdn-cache-control", "no-store"),
+                ],
+                Ok(30),
+            ),
+            (
+                &[
+                    ("cdn-cache-control", "max-age=40"),
+                    ("surrogate-control", "max-age=0"),
+                ],
+                Ok(40),
+            ),
+            (
+                &[
+                    ("mcpage-cache-control", "max-age=30"),
+                    ("cdn-cache-control", "max-age=40"),
+                ],
+                Ok(30),
+            ),
+            // Invalid or empty: ignored, the next one (or Cache-Control) governs...
+            (
+                &[
+                    ("cdn-cache-control", "max-age 60"),
+                    ("cache-control", "max-age=50"),
+                ],
+                Ok(50),
+            ),
+            (
+                &[("cdn-cache-control", ""), ("cache-control", "max-age=50")],
+                Ok(50),
+            ),
+            (
+                &[
+                    ("mcpage-cache-control", "\"x"),
+                    ("cdn-cache-control", "max-age=40"),
+                ],
+                Ok(40),
+            ),
+            // ...but its private/no-store/no-cache still count (safe side).
+            (
+                &[
+                    ("cdn-cache-control", "\"no-store\""),
+                    ("cache-control", "max-age=50"),
+                ],
+                Err(Bypass::TargetedField),
+            ),
+            (
+                &[("cdn-cache-control", "no-store;x")],
+                Err(Bypass::TargetedField),
+            ),
+            // Age applies to targeted lifetimes too.
+            (
+                &[("cdn-cache-control", "max-age=60"), ("age", "60")],
+                Err(Bypass::Stale),
+            ),
+        ];
+        for (pairs, expected) in table {
+            let mut pairs = pairs.to_vec();
+            pairs.push(html);
+            assert_eq!(
+                check_response(
+                    &c,
+                    3600,
+                    StatusCode::OK,
+                    &headers(&pairs),
+                    b"/a",
+                    Timing::at(now())
+                ),
+                *expected,
+                "{pairs:?}"
+            );
+        }
+        // A site's own list: only `edge-control` is honoured.
+        let mut config = Config::default();
+        config.cache.targeted_fields = vec!["edge-control".into()];
+        let own = config.compile().expect("valid");
+        let check = |pairs: &[(&str, &str)]| {
+            let mut pairs = pairs.to_vec();
+            pairs.push(html);
+            check_response(
+                &own,
+                3600,
+                StatusCode::OK,
+                &headers(&pairs),
+                b"/a",
+                Timing::at(now()),
+            )
+        };
+        assert_eq!(check(&[("edge-control", "max-age=5")]), Ok(5));
+        assert_eq!(check(&[("cdn-cache-control", "max-age=5")]), Ok(3600));
+    }
+
+    /// The hit nginx produces must carry the response's Content-Type and
+    /// security headers.
+    #[test]
+    fn representation_table() {
+        let mut config = Config::default();
+        config.cache.content_types = vec![
+            "text/html".into(),
+            "application/json".into(),
+            "text/plain".into(),
+        ];
+        config.nginx.add_headers = vec![
+            ("X-Frame-Options".into(), "DENY".into()),
+            (
+                "Content-Security-Policy".into(),
+                "default-src 'self'".into(),
+            ),
+        ];
+        let c = config.compile().expect("valid");
+        let security: &[(&str, &str)] = &[
+            ("x-frame-options", "DENY"),
+            ("content-security-policy", "default-src 'self'"),
+        ];
+        let table: &[(&[u8], Headers, Result<u32, Bypass>)] = &[
+            (
+                b"/a",
+                &[("content-type", "text/html; charset=utf-8")],
+                Ok(3600),
+            ),
+            (
+                b"/a",
+                &[("content-type", "text/html;charset=UTF-8")],
+                Ok(3600),
+            ),
+            (
+                b"/a",
+                &[("content-type", "Text/HTML; Charset=\"utf-8\"")],
+                Ok(3600),
+            ),
+            (
+                b"/a",
+                &[("content-type", "text/html")],
+                Err(Bypass::ContentTypeDiffers),
+            ),
+            (
+                b"/a",
+                &[("content-type", "text/html; charset=iso-8859-1")],
+                Err(Bypass::ContentTypeDiffers),
+            ),
+            (
+                b"/a",
+                &[("content-type", "text/html; charset=utf-8; q=1")],
+                Err(Bypass::ContentTypeDiffers),
+            ),
+            (
+                b"/a",
+                &[("content-type", "application/json; charset=utf-8")],
+                Err(Bypass::ContentTypeDiffers),
+            ),
+            (
+                b"/a",
+                &[("content-type", "text/plain; charset=utf-8")],
+                Err(Bypass::ContentTypeDiffers),
+            ),
+            (
+                b"/a",
+                &[("content-type", "image/png")],
+                Err(Bypass::ContentType),
+            ),
+            (
+                b"/a",
+                &[("content-type", "text/html"), ("content-type", "text/html")],
+                Err(Bypass::ContentType),
+            ),
+            // The URI's extension decides the hit's type (nginx `types`).
+            (
+                b"/api/x.json",
+                &[("content-type", "application/json; charset=utf-8")],
+                Ok(3600),
+            ),
+            (
+                b"/api/x.JSON",
+                &[("content-type", "application/json; charset=utf-8")],
+                Ok(3600),
+            ),
+            (
+                b"/api/x.json",
+                &[("content-type", "application/json")],
+                Err(Bypass::ContentTypeDiffers),
+            ),
+            (
+                b"/api/x.json",
+                &[("content-type", "text/html; charset=utf-8")],
+                Err(Bypass::ContentTypeDiffers),
+            ),
+            (
+                b"/robots.txt",
+                &[("content-type", "text/plain; charset=utf-8")],
+                Ok(3600),
+            ),
+            (
+                b"/page.html",
+                &[("content-type", "text/html; charset=utf-8")],
+                Ok(3600),
+            ),
+            (
+                b"/v1.2/page",
+                &[("content-type", "text/html; charset=utf-8")],
+                Ok(3600),
+            ),
+            (
+                b"/.json",
+                &[("content-type", "text/html; charset=utf-8")],
+                Ok(3600),
+            ),
+            (
+                b"/x.unknown",
+                &[("content-type", "text/html; charset=utf-8")],
+                Ok(3600),
+            ),
+            (
+                b"/x.css",
+                &[("content-type", "text/html; charset=utf-8")],
+                Err(Bypass::ContentTypeDiffers),
+            ),
+        ];
+        for (uri, pairs, expected) in table {
+            let mut pairs = pairs.to_vec();
+            pairs.extend_from_slice(security);
+            assert_eq!(
+                check_response(
+                    &c,
+                    3600,
+                    StatusCode::OK,
+                    &headers(&pairs),
+                    uri,
+                    Timing::at(now())
+                ),
+                *expected,
+                "{} {pairs:?}",
+                String::from_utf8_lossy(uri)
+            );
+        }
+        let html = ("content-type", "text/html; charset=utf-8");
+        let headers_table: &[(Headers, Result<u32, Bypass>)] = &[
+            (
+                &[
+                    ("x-frame-options", "DENY"),
+                    ("content-security-policy", "default-src 'self'"),
+                ],
+                Ok(3600),
+            ),
+            // A configured header missing, or with another value.
+            (&[("x-frame-options", "DENY")], Err(Bypass::HeaderDiffers)),
+            (
+                &[
+                    ("x-frame-options", "SAMEORIGIN"),
+                    ("content-security-policy", "default-src 'self'"),
+                ],
+                Err(Bypass::HeaderDiffers),
+            ),
+            (
+                &[
+                    ("x-frame-options", "DENY"),
+                    ("x-frame-options", "DENY"),
+                    ("content-security-policy", "default-src 'self'"),
+                ],
+                Err(Bypass::HeaderDiffers),
+            ),
+            // A security header nginx would drop.
+            (
+                &[
+                    ("x-frame-options", "DENY"),
+                    ("content-security-policy", "default-src 'self'"),
+                    ("x-content-type-options", "nosniff"),
+                ],
+                Err(Bypass::HeaderDiffers),
+            ),
+            (
+                &[
+                    ("x-frame-options", "DENY"),
+                    ("content-security-policy", "default-src 'self'"),
+                    ("content-disposition", "attachment"),
+                ],
+                Err(Bypass::HeaderDiffers),
+            ),
+            (
+                &[
+                    ("x-frame-options", "DENY"),
+                    ("content-security-policy", "default-src 'self'"),
+                    ("strict-transport-security", "max-age=1"),
+                ],
+                Err(Bypass::HeaderDiffers),
+            ),
+            // Other headers are dropped by a hit without harm (README).
+            (
+                &[
+                    ("x-frame-options", "DENY"),
+                    ("content-security-policy", "default-src 'self'"),
+                    ("etag", "\"1\""),
+                    ("link", "</a.css>; rel=preload"),
+                ],
+                Ok(3600),
+            ),
+        ];
+        for (pairs, expected) in headers_table {
+            let mut pairs = pairs.to_vec();
+            pairs.push(html);
+            assert_eq!(
+                check_response(
+                    &c,
+                    3600,
+                    StatusCode::OK,
+                    &headers(&pairs),
+                    b"/a",
+                    Timing::at(now())
+                ),
+                *expected,
+                "{pairs:?}"
+            );
+        }
+        // Without add_headers, any security header means "not stored".
+        let plain = compiled();
+        let pairs = [html, ("x-content-type-options", "nosniff")];
+        assert_eq!(
+            check_response(
+                &plain,
+                3600,
+                StatusCode::OK,
+                &headers(&pairs),
+                b"/a",
+                Timing::at(now())
+            ),
+            Err(Bypass::HeaderDiffers)
+        );
+        // charset off: no charset on a hit, so none on the response.
+        let mut config = Config::default();
+        config.nginx.charset = "off".into();
+        let off = config.compile().expect("valid");
+        let check = |ct: &str| {
+            check_response(
+                &off,
+                3600,
+                StatusCode::OK,
+                &headers(&[("content-type", ct)]),
+                b"/a",
+                Timing::at(now()),
+            )
+        };
+        assert_eq!(check("text/html"), Ok(3600));
+        assert_eq!(
+            check("text/html; charset=utf-8"),
+            Err(Bypass::ContentTypeDiffers)
+        );
     }
 
     #[test]

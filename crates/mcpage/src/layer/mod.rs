@@ -27,11 +27,17 @@
 //! no `Set-Cookie`, not private, small enough) answers `X-Cache: MISS` and stores
 //! the page in the background. memcached trouble never fails a request.
 //!
+//! A request with an unsafe method (anything but GET, HEAD, OPTIONS, TRACE)
+//! that gets a 2xx or 3xx invalidates its target URI and the same-site URLs
+//! in the response's `Location` and `Content-Location` (RFC 9111 4.4) before
+//! the response goes back.
+//!
 //! Tags come from the [`CacheTags`] response extension and from an
 //! `X-Cache-Tags: a, b` response header, which is removed before the client sees it.
 
 mod body;
 mod service;
+mod unsafe_methods;
 
 #[cfg(feature = "axum")]
 use std::convert::Infallible;

@@ -5,7 +5,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
+use std::time::SystemTime;
 
+use super::unsafe_methods::{self, UnsafeRequest};
 use super::{CacheTags, PageBody, SkipCache};
 use crate::cache::Cache;
 use crate::key::PageKey;
@@ -179,7 +181,23 @@ where
             Err(reason) => {
                 self.cache.metrics().bypassed(reason);
                 tracing::debug!(reason = reason.reason(), uri = %request.uri(), "cache bypass");
-                Box::pin(bypass(inner, self.cache.clone(), request, reason))
+                if unsafe_methods::is_unsafe(request.method()) {
+                    let uri = original_uri(&request);
+                    let host = uri
+                        .authority()
+                        .map(|a| a.as_str().as_bytes())
+                        .or_else(|| request.headers().get(HOST).map(HeaderValue::as_bytes));
+                    let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
+                    let unsafe_request = UnsafeRequest::new(host, target);
+                    Box::pin(invalidating(
+                        inner,
+                        self.cache.clone(),
+                        unsafe_request,
+                        request,
+                    ))
+                } else {
+                    Box::pin(bypass(inner, self.cache.clone(), request, reason))
+                }
             }
             Ok(key) => {
                 let flights = self.single_flight.then(|| Arc::clone(&self.flights));
@@ -202,6 +220,29 @@ where
     let mut response = inner.call(request).await?.map(PageBody::inner);
     strip_tags(&cache, response.headers_mut());
     mark(&mut response, Outcome::Bypass(reason));
+    Ok(response)
+}
+
+/// An unsafe request: bypassed, and a 2xx/3xx answer invalidates the pages it
+/// may have changed before it goes back (RFC 9111 4.4). A failed invalidation
+/// is logged and counted (`invalidation_errors`), never fails the request.
+async fn invalidating<S, ReqBody, ResBody>(
+    inner: S,
+    cache: Cache,
+    unsafe_request: UnsafeRequest,
+    request: Request<ReqBody>,
+) -> Result<Response<PageBody<ResBody>>, S::Error>
+where
+    S: tower::Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Body<Data = Bytes>,
+{
+    let response = bypass(inner, cache.clone(), request, Bypass::Method).await?;
+    let urls = unsafe_request.urls(&cache, response.status(), response.headers());
+    if !urls.is_empty()
+        && let Err(error) = cache.invalidator().invalidate_urls(&urls).await
+    {
+        tracing::warn!(%error, ?urls, "invalidation after an unsafe method failed");
+    }
     Ok(response)
 }
 
@@ -255,7 +296,12 @@ where
     };
 
     metrics.misses.fetch_add(1, Ordering::Relaxed);
+    let request_time = SystemTime::now();
     let response = inner.call(request).await?;
+    let timing = policy::Timing {
+        request: request_time,
+        response: SystemTime::now(),
+    };
     let (mut parts, body) = response.into_parts();
     // Every configured tag header, each value parsed with its separator.
     let mut header_tags: Option<Vec<String>> = Some(Vec::new());
@@ -278,6 +324,8 @@ where
             config.ttl_secs,
             parts.status,
             &parts.headers,
+            &key.uri,
+            timing,
         )
     };
     let tags = decision.and_then(|ttl| {
