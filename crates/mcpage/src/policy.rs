@@ -385,7 +385,7 @@ fn governing_directives(
         if forbids_storing(&joined) {
             return Err(Bypass::TargetedField);
         }
-        if let Some(directives) = std::str::from_utf8(&joined).ok().and_then(parse_directives)
+        if let Some(directives) = std::str::from_utf8(&joined).ok().and_then(parse_targeted)
             && !directives.is_empty()
         {
             return Ok(directives);
@@ -472,6 +472,87 @@ fn parse_directives(value: &str) -> Option<Vec<Directive>> {
         });
     }
     Some(directives)
+}
+
+/// A targeted field (RFC 9213 2.1) is a Structured Field Dictionary (RFC
+/// 8941 3.2): lowercase keys, bare items, optional parameters; `max-age` and
+/// `s-maxage` must be Integers. `None` when it is not (`max-age="60"`,
+/// `MaX-aGe=60`, `max-age =60`, `&&&`): the field is then ignored.
+fn parse_targeted(value: &str) -> Option<Vec<Directive>> {
+    let mut directives = Vec::new();
+    for member in split_unquoted(value, b',') {
+        let member = member.trim_matches([' ', '\t']);
+        let mut parts = split_unquoted(member, b';').into_iter();
+        let (name, argument) = sf_pair(parts.next()?)?;
+        for parameter in parts {
+            sf_pair(parameter.trim_start_matches(' '))?;
+        }
+        if matches!(name, "max-age" | "s-maxage")
+            && !argument.is_some_and(|a| sf_integer(a.strip_prefix('-').unwrap_or(a)))
+        {
+            return None;
+        }
+        directives.push(Directive {
+            name: name.to_owned(),
+            argument: argument.map(str::to_owned),
+        });
+    }
+    Some(directives)
+}
+
+/// `key[=bare-item]` of RFC 8941 3.1.2 / 3.2.
+fn sf_pair(text: &str) -> Option<(&str, Option<&str>)> {
+    let (key, value) = match text.split_once('=') {
+        Some((key, value)) => (key, Some(value)),
+        None => (text, None),
+    };
+    let mut bytes = key.bytes();
+    let first = bytes.next()?;
+    if !(first.is_ascii_lowercase() || first == b'*')
+        || !bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-.*".contains(&b))
+    {
+        return None;
+    }
+    if let Some(value) = value
+        && !sf_bare_item(value)
+    {
+        return None;
+    }
+    Some((key, value))
+}
+
+fn sf_integer(digits: &str) -> bool {
+    (1..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// An RFC 8941 bare item: Integer, Decimal, String, Token, Byte Sequence, Boolean.
+fn sf_bare_item(item: &str) -> bool {
+    let number = item.strip_prefix('-').unwrap_or(item);
+    let decimal = number.split_once('.').is_some_and(|(int, frac)| {
+        (1..=12).contains(&int.len())
+            && (1..=3).contains(&frac.len())
+            && int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit())
+    });
+    let string = item.len() >= 2
+        && item.starts_with('"')
+        && item.ends_with('"')
+        && item[1..item.len() - 1]
+            .bytes()
+            .all(|b| (b' '..0x7f).contains(&b));
+    let token = item
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'*')
+        && item
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~:/".contains(&b));
+    let bytes = item.len() >= 2
+        && item.starts_with(':')
+        && item.ends_with(':')
+        && item[1..item.len() - 1]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b));
+    sf_integer(number) || decimal || string || token || bytes || item == "?0" || item == "?1"
 }
 
 /// RFC 9111 1.2.2: larger delta-seconds are taken as 2^31.
@@ -1216,6 +1297,78 @@ mod tests {
             (
                 &[("cdn-cache-control", "no-store;x")],
                 Err(Bypass::TargetedField),
+            ),
+            // Not a Structured Field Dictionary, or max-age not an Integer
+            // (RFC 9213 2.1): ignored, Cache-Control governs.
+            (
+                &[
+                    ("cdn-cache-control", "max-age=10000, &&&&&"),
+                    ("cache-control", "max-age=50"),
+                ],
+                Ok(50),
+            ),
+            (
+                &[
+                    ("cdn-cache-control", "max-age=\"10000\""),
+                    ("cache-control", "max-age=50"),
+                ],
+                Ok(50),
+            ),
+            (
+                &[
+                    ("cdn-cache-control", "max-age= 100"),
+                    ("cache-control", "max-age=50"),
+                ],
+                Ok(50),
+            ),
+            (
+                &[
+                    ("cdn-cache-control", "MaX-aGe=100"),
+                    ("cache-control", "max-age=50"),
+                ],
+                Ok(50),
+            ),
+            (
+                &[
+                    ("cdn-cache-control", "max-age=1.5"),
+                    ("cache-control", "max-age=50"),
+                ],
+                Ok(50),
+            ),
+            (
+                &[
+                    ("cdn-cache-control", "foobar, max-age=100"),
+                    ("cache-control", "max-age=50"),
+                ],
+                Ok(100),
+            ),
+            (
+                &[
+                    ("surrogate-control", "max-age=100, content=\"ESI/1.0\""),
+                    ("cache-control", "max-age=50"),
+                ],
+                Ok(100),
+            ),
+            (
+                &[
+                    ("surrogate-control", "max-age=60+30"),
+                    ("cache-control", "max-age=50"),
+                ],
+                Ok(50),
+            ),
+            (
+                &[
+                    ("cdn-cache-control", "max-age=-1"),
+                    ("cache-control", "max-age=50"),
+                ],
+                Err(Bypass::Stale),
+            ),
+            (
+                &[
+                    ("cdn-cache-control", "max-age=99999999999"),
+                    ("cache-control", "max-age=50"),
+                ],
+                Ok(3600),
             ),
             // Age applies to targeted lifetimes too.
             (
