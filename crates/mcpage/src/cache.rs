@@ -74,6 +74,7 @@ impl Cache {
             clocks.clone(),
             index_keys.clone(),
             &config.cache,
+            Duration::from_millis(config.invalidation.write_window_ms),
             Arc::clone(&metrics),
         ));
         let invalidator = Invalidator::new(
@@ -83,6 +84,7 @@ impl Cache {
             index_keys.clone(),
             keys.clone(),
             index_ttl,
+            &config.invalidation,
             Arc::clone(&metrics),
         );
         Ok(Cache {
@@ -219,7 +221,7 @@ impl Cache {
         };
         match self.inner.writer.write(&page).await? {
             Written::Stored => Ok(page.key),
-            Written::Retracted => Err(Error::Retracted {
+            Written::Retracted | Written::Abandoned => Err(Error::Retracted {
                 url: target.to_owned(),
             }),
         }

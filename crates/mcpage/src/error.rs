@@ -89,6 +89,22 @@ pub enum Error {
         /// The URL as given.
         url: String,
     },
+    /// The write path could not start a page store, or have it answered,
+    /// within the write window after its clock pre-check
+    /// (`invalidation.write_window_ms`): the page is not kept (a store that
+    /// may have landed is deleted again). Only a slow or overloaded memcached
+    /// causes it; the request was served, the page is simply not cached.
+    #[error(
+        "page store not {stage}ed within the write window ({elapsed_ms} ms after the clock check; window {window_ms} ms)"
+    )]
+    WriteWindow {
+        /// `start` (too late to send) or `answer` (sent, no answer in time).
+        stage: &'static str,
+        /// Milliseconds since the pre-check started.
+        elapsed_ms: u64,
+        /// `invalidation.write_window_ms`.
+        window_ms: u64,
+    },
     /// Compressing a page (`cache.gzip`) failed.
     #[error("gzip failed: {0}")]
     Gzip(#[source] std::io::Error),

@@ -1,19 +1,31 @@
 //! [`Invalidator`]: remove pages by tag, by URL or by key prefix.
 //!
-//! Every call first advances the invalidation clock and the clocks of what it
-//! invalidates, then finds and deletes pages. A render that read the clock
-//! before that and registers its page after the index was read sees the new
-//! clock when it rechecks, and deletes its own page (the write path, `put.rs`),
-//! so no stale page survives an invalidation that reported success.
-//!
 //! The protocol, in the order an invalidation runs:
-//! 1. Bump the invalidation clock G ([`Clocks::bump`]) and raise the clock of
-//!    every tag, URL or the purge clock to it. If one cannot be raised, stop
-//!    and report: nothing was deleted or forgotten.
-//! 2. Read the tags' index items (one pipelined batch) and delete the pages
+//! 1. Bump the invalidation clock G ([`Clocks::bump`]) to C and raise the
+//!    clock of every tag, URL or the purge clock to it. If one cannot be
+//!    raised, stop and report: nothing was deleted or forgotten.
+//! 2. **Settle**: wait 2W (W = `invalidation.write_window_ms`) after the last
+//!    raise was confirmed.
+//! 3. Read the tags' index items (one pipelined batch) and delete the pages
 //!    they list on the servers nginx asks.
-//! 3. Clear the index records of pages confirmed gone whose renders started
+//! 4. Clear the index records of pages confirmed gone whose renders started
 //!    before this invalidation (CAS-guarded: concurrent appends survive).
+//!
+//! # Why a request that starts after it returned never sees older data
+//!
+//! The caller commits, then invalidates. A render that read G >= C started
+//! after step 1, so it read committed data. A render that read G < C is
+//! either stopped by its clock pre-check (its check landed after the raise),
+//! or its pre-check landed before the raise: then its index record landed
+//! before step 3's read, and its store executed before the raise's
+//! confirmation + 2W (put.rs explains both bounds), that is before step 3.
+//! So step 3 finds the page and its delete executes after the page's store:
+//! when the call returns, no such page is in memcached, and none can arrive.
+//! The layer's single-flight never hands a request a render whose clock is
+//! older than the clock the request read (layer/service.rs).
+//!
+//! The cost is the 2W wait in every invalidation (latency only: nothing is
+//! sent meanwhile) and one clock read on the write path (README, "Costs").
 //!
 //! ```no_run
 //! # async fn run(cache: mcpage::Cache) -> mcpage::Result<()> {
@@ -29,11 +41,12 @@
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use memcache::exp::{Delete, Get, Meta, MutationStatus, Set, Ttl};
 
 use crate::clock::Clocks;
+use crate::config::InvalidationConfig;
 use crate::error::{Error, Result};
 use crate::key::{KeyScheme, memcached_unescape};
 use crate::memcached::{Circuit, Pool, text};
@@ -55,6 +68,9 @@ struct Inner {
     index_keys: IndexKeys,
     keys: KeyScheme,
     index_ttl: u32,
+    /// How long after its clocks are raised an invalidation waits before it
+    /// reads the index and deletes: twice the write window (put.rs).
+    settle: Duration,
     metrics: Arc<Metrics>,
 }
 
@@ -121,6 +137,13 @@ impl Failures {
 /// garbage (a few bytes, a few extra deletes next time), never a lost record.
 const SHARD_CLEAR_ROUNDS: usize = 5;
 
+/// 2W + 1 ms: the write path's stores that started before a clock raise was
+/// confirmed have executed by then (put.rs); the extra millisecond covers
+/// timers that round to whole milliseconds.
+fn settle_time(write_window_ms: u64) -> Duration {
+    Duration::from_millis(write_window_ms.saturating_mul(2).saturating_add(1))
+}
+
 /// Most `lru_crawler metadump` passes per server in one purge.
 const PURGE_PASSES: usize = 8;
 
@@ -135,10 +158,12 @@ impl Invalidator {
         index_keys: IndexKeys,
         keys: KeyScheme,
         index_ttl: u32,
+        config: &InvalidationConfig,
         metrics: Arc<Metrics>,
     ) -> Self {
         Invalidator {
             inner: Arc::new(Inner {
+                settle: settle_time(config.write_window_ms),
                 pages,
                 index,
                 clocks,
@@ -243,11 +268,13 @@ impl Invalidator {
         for result in inner.clocks.raise(&clock_keys, clock).await {
             failures.check(result);
         }
+        let raised = Instant::now();
         // A clock that was not raised could let a render in flight keep a stale
         // page: stop here and report, before anything is deleted or forgotten.
         if failures.failed > 0 {
             return failures.finish(Removed::default());
         }
+        self.settle(raised).await;
 
         // Read every shard of every tag in one pipelined batch.
         let shard_keys: Vec<(usize, Vec<u8>)> = tags
@@ -374,6 +401,7 @@ impl Invalidator {
         if failures.failed > 0 {
             return failures.finish(Removed::default());
         }
+        self.settle(Instant::now()).await;
         let deleted = self
             .delete_pages(page_keys.iter().cloned().collect(), &mut failures)
             .await;
@@ -406,6 +434,7 @@ impl Invalidator {
         if failures.failed > 0 {
             return failures.finish(Removed::default());
         }
+        self.settle(Instant::now()).await;
         let mut wanted = inner.keys.prefix().to_vec();
         wanted.extend_from_slice(prefix.as_bytes());
         let namespace = inner.index_keys.namespace().as_bytes();
@@ -449,6 +478,12 @@ impl Invalidator {
             }],
             index_recovery: 0,
         })
+    }
+
+    /// Wait until the write path's stores that started before the clocks
+    /// were raised (confirmed at `raised`) have executed (put.rs).
+    async fn settle(&self, raised: Instant) {
+        tokio::time::sleep_until((raised + self.inner.settle).into()).await;
     }
 
     /// Delete page keys on the servers nginx reads them from.

@@ -71,7 +71,8 @@ pub struct ReadmeDoctests;
 
 pub use cache::Cache;
 pub use config::{
-    CacheConfig, Config, KeysConfig, MemcachedConfig, NginxConfig, ProxyConfig, ServerSpec,
+    CacheConfig, Config, InvalidationConfig, KeysConfig, MemcachedConfig, NginxConfig, ProxyConfig,
+    ServerSpec,
 };
 pub use error::{Error, Result};
 pub use invalidate::{Invalidator, Removed, RemovedItem};

@@ -14,6 +14,7 @@ pub(crate) struct Metrics {
     pub(crate) stores: AtomicU64,
     pub(crate) store_errors: AtomicU64,
     pub(crate) retracted: AtomicU64,
+    pub(crate) late: AtomicU64,
     pub(crate) misses: AtomicU64,
     pub(crate) shared: AtomicU64,
     bypass: [AtomicU64; Bypass::COUNT],
@@ -33,6 +34,7 @@ impl Metrics {
             stores: load(&self.stores),
             store_errors: load(&self.store_errors),
             retracted: load(&self.retracted),
+            late: load(&self.late),
             misses: load(&self.misses),
             shared: load(&self.shared),
             bypass: Bypass::iter()
@@ -57,8 +59,12 @@ pub struct CacheStats {
     pub stores: u64,
     /// Stores that failed (memcached error, breaker open, index full).
     pub store_errors: u64,
-    /// Pages deleted again right after storing, because a tag was invalidated during the render.
+    /// Renders not kept because an invalidation overlapped them: not stored
+    /// (the clock pre-check saw it) or deleted again right after storing.
     pub retracted: u64,
+    /// Pages not cached because memcached could not take the store within
+    /// the write window (`invalidation.write_window_ms`).
+    pub late: u64,
     /// Cacheable requests that reached the application.
     pub misses: u64,
     /// Requests answered from another request's render (single-flight).
