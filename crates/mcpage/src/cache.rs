@@ -173,7 +173,9 @@ impl Cache {
             .into_iter()
             .map(Server::health)
             .collect();
-        self.inner.metrics.snapshot(servers)
+        self.inner
+            .metrics
+            .snapshot(servers, self.inner.invalidator.pending())
     }
 
     /// Store `body` as the page for `target` (a path as a user writes it, or

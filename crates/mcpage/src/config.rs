@@ -303,6 +303,10 @@ pub struct ProxyConfig {
     /// Also cache pages without an `X-Cache-Tags` header (removable only by
     /// URL, prefix or TTL). Off: a page is cached only when the backend tags it.
     pub cache_untagged: bool,
+    /// File that keeps pending invalidations (memcached did not confirm them
+    /// yet) across restarts; none keeps them in memory only. `mcpage stats`
+    /// reads it too.
+    pub journal: Option<String>,
 }
 
 impl Default for ProxyConfig {
@@ -313,6 +317,7 @@ impl Default for ProxyConfig {
             invalidate_token: None,
             upstream_timeout_ms: 30_000,
             cache_untagged: false,
+            journal: None,
         }
     }
 }

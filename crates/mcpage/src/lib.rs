@@ -39,7 +39,9 @@
 //! - `put`: the write path (register the page in its tags' index, store it,
 //!   re-check the clocks); `clock`: the invalidation clocks both protocols
 //!   agree through; `tags`: the tag index format.
-//! - `invalidate`: the [`Invalidator`] (raise clocks, delete, clear the index).
+//! - `invalidate`: the [`Invalidator`]: concurrent calls combined into runs,
+//!   unconfirmed ones queued and retried; `invalidate::run`, the protocol of
+//!   one run (raise clocks, settle, delete, clear the index).
 //! - `memcached`: the client (one meta-protocol client per server, circuit
 //!   breakers, pipelined batches, text-protocol diagnostics).
 //! - `cache`: the [`Cache`] handle that owns all of the above; `stats`: counters.
@@ -75,7 +77,7 @@ pub use config::{
     ServerSpec,
 };
 pub use error::{Error, Result};
-pub use invalidate::{Invalidator, Removed, RemovedItem};
+pub use invalidate::{Invalidator, Pending, PendingItem, Removed, RemovedItem, Target};
 pub use layer::{CacheTags, PageBody, PageCache, PageCacheLayer, SkipCache};
 pub use policy::Bypass;
 pub use stats::{BypassCount, CacheStats, IndexUsage, ServerReport, ServerStats};

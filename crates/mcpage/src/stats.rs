@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use strum::{EnumCount, IntoEnumIterator};
 
 use crate::error::Result;
+use crate::invalidate::Pending;
 use crate::policy::Bypass;
 
 /// Counters since start, shared by the layer, the write path and the invalidator.
@@ -20,6 +21,9 @@ pub(crate) struct Metrics {
     bypass: [AtomicU64; Bypass::COUNT],
     pub(crate) invalidations: AtomicU64,
     pub(crate) invalidation_errors: AtomicU64,
+    pub(crate) invalidation_runs: AtomicU64,
+    pub(crate) invalidation_retries: AtomicU64,
+    pub(crate) refused: AtomicU64,
     pub(crate) pages_removed: AtomicU64,
 }
 
@@ -28,7 +32,7 @@ impl Metrics {
         self.bypass[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(crate) fn snapshot(&self, servers: Vec<ServerStats>) -> CacheStats {
+    pub(crate) fn snapshot(&self, servers: Vec<ServerStats>, pending: Pending) -> CacheStats {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         CacheStats {
             stores: load(&self.stores),
@@ -45,6 +49,10 @@ impl Metrics {
                 .collect(),
             invalidations: load(&self.invalidations),
             invalidation_errors: load(&self.invalidation_errors),
+            invalidation_runs: load(&self.invalidation_runs),
+            invalidation_retries: load(&self.invalidation_retries),
+            invalidations_refused: load(&self.refused),
+            pending,
             pages_removed: load(&self.pages_removed),
             servers,
         }
@@ -73,8 +81,16 @@ pub struct CacheStats {
     pub bypass: Vec<BypassCount>,
     /// Completed invalidation calls.
     pub invalidations: u64,
-    /// Invalidation calls that returned an error.
+    /// Invalidation calls that returned an error (pending, refused, ...).
     pub invalidation_errors: u64,
+    /// Protocol runs (concurrent calls are combined into one run).
+    pub invalidation_runs: u64,
+    /// Background retries of pending invalidations.
+    pub invalidation_retries: u64,
+    /// Invalidation calls refused because too many were waiting.
+    pub invalidations_refused: u64,
+    /// Invalidations memcached has not confirmed yet (retried in the background).
+    pub pending: Pending,
     /// Pages removed by invalidation.
     pub pages_removed: u64,
     /// Per memcached server (pages and index pool).
