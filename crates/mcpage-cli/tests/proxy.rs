@@ -700,9 +700,15 @@ async fn pages_are_served_by_nginx_and_invalidated_over_http() {
         5,
         "{metrics}"
     );
+    // One call per request (tags, URLs and a prefix together are one call).
     assert_eq!(
         metric(&metrics, "mcpage_invalidations_total"),
-        3 + calls,
+        2 + calls,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "mcpage_invalidation_runs_total"),
+        2 + calls,
         "{metrics}"
     );
     assert_eq!(

@@ -434,7 +434,12 @@ async fn post_comment(
 /// and retries in the background until it does (its pages may be stale
 /// meanwhile): logged, never lost.
 async fn invalidate(demo: &Demo, tag: String) {
-    match demo.cache().invalidator().invalidate_tags([tag.as_str()]).await {
+    match demo
+        .cache()
+        .invalidator()
+        .invalidate_tags([tag.as_str()])
+        .await
+    {
         Ok(removed) => tracing::info!(%tag, pages = removed.pages, "invalidated"),
         Err(error) => tracing::warn!(%tag, "invalidation not confirmed: {error}"),
     }

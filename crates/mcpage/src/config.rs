@@ -337,7 +337,7 @@ pub struct InvalidationConfig {
     /// First retry of an invalidation memcached did not confirm; the delay
     /// doubles after each failed attempt, up to `retry_max_ms`.
     pub retry_min_ms: u64,
-    /// Longest delay between two retries.
+    /// Longest delay between two retries (`retry_min_ms` when smaller).
     pub retry_max_ms: u64,
     /// Tags, URLs and prefixes that may wait to be retried at once; an
     /// unconfirmed invalidation that does not fit is an error (`QueueFull`).
@@ -350,7 +350,7 @@ pub struct InvalidationConfig {
 impl Default for InvalidationConfig {
     fn default() -> Self {
         InvalidationConfig {
-            write_window_ms: 25,
+            write_window_ms: 50,
             retry_min_ms: 100,
             retry_max_ms: 10_000,
             pending_limit: 10_000,
@@ -427,12 +427,6 @@ impl Config {
             return Err(Error::config(
                 "invalidation.retry_min_ms",
                 "must be at least 1",
-            ));
-        }
-        if inv.retry_max_ms < inv.retry_min_ms {
-            return Err(Error::config(
-                "invalidation.retry_max_ms",
-                "must be at least invalidation.retry_min_ms",
             ));
         }
         if inv.pending_limit == 0 {

@@ -322,8 +322,13 @@ fn metrics(state: &State) -> Response<Full<Bytes>> {
     );
     counter(
         "mcpage_retracted_total",
-        "Pages deleted right after storing because a tag was invalidated during the render.",
+        "Renders not kept because an invalidation overlapped them (not stored, or deleted right after).",
         stats.retracted,
+    );
+    counter(
+        "mcpage_stores_late_total",
+        "Pages not cached because memcached did not take the store within invalidation.write_window_ms.",
+        stats.late,
     );
     counter(
         "mcpage_misses_total",

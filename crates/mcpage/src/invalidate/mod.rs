@@ -232,7 +232,7 @@ impl Invalidator {
                 state: Mutex::default(),
                 changes: watch::Sender::new(0),
                 retry_min: Duration::from_millis(config.retry_min_ms),
-                retry_max: Duration::from_millis(config.retry_max_ms),
+                retry_max: Duration::from_millis(config.retry_max_ms.max(config.retry_min_ms)),
                 pending_limit: config.pending_limit,
                 max_waiting: config.max_waiting,
                 metrics,
