@@ -696,6 +696,12 @@ fn known_fields() -> Vec<(&'static str, &'static str)> {
         ("proxy", "listen"),
         ("proxy", "upstream"),
         ("proxy", "invalidate_token"),
+        ("proxy", "journal"),
+        ("invalidation", "write_window_ms"),
+        ("invalidation", "retry_min_ms"),
+        ("invalidation", "retry_max_ms"),
+        ("invalidation", "pending_limit"),
+        ("invalidation", "max_waiting"),
     ]
 }
 

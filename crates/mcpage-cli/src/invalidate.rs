@@ -1,15 +1,19 @@
 //! `mcpage invalidate`: remove pages by tag, URL or prefix.
 //!
 //! Prints how many pages each tag, URL and prefix removed, then the total.
-//! Exit codes: 0 done; 1 memcached did not confirm (some pages may still be
-//! cached: the error says which server); 2 usage (nothing to invalidate, or
-//! a URL that has no cache key).
+//! All of them go in one invalidation run. What memcached does not confirm
+//! is retried with backoff for up to `--wait` seconds (the library's retry
+//! queue); the process then exits, so work still pending is reported, not kept.
+//! Exit codes: 0 done (at once or after retries); 1 still not confirmed after
+//! `--wait` (some pages may still be cached: the error says which server);
+//! 2 usage (nothing to invalidate, or a URL that has no cache key).
 
 use std::io::Write;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use mcpage::{Cache, Config, Removed};
+use mcpage::{Cache, Config, Removed, Target};
 
 /// Arguments of `mcpage invalidate`.
 #[derive(Debug, clap::Args)]
@@ -23,15 +27,25 @@ pub(crate) struct Args {
     /// Remove every page whose path starts with this (`/` removes all pages; walks memcached's key list).
     #[arg(long, value_name = "PREFIX")]
     prefix: Option<String>,
+    /// Keep retrying what memcached did not confirm for this long before giving up.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    wait: u64,
 }
 
 /// The exit code when memcached did not confirm.
 const INCOMPLETE: u8 = 1;
 /// The exit code for usage errors.
 const USAGE: u8 = 2;
+/// How often the retry queue is looked at while waiting.
+const POLL: Duration = Duration::from_millis(50);
 
 pub(crate) async fn run(config: &Config, args: Args) -> anyhow::Result<ExitCode> {
-    let tags: Vec<&String> = args.tags.iter().filter(|t| !t.trim().is_empty()).collect();
+    let tags: Vec<&str> = args
+        .tags
+        .iter()
+        .map(|t| t.trim())
+        .filter(|t| !t.is_empty())
+        .collect();
     if tags.is_empty() && args.urls.is_empty() && args.prefix.is_none() {
         eprintln!(
             "mcpage invalidate: nothing to invalidate: give --tag TAG, --url PATH or --prefix PREFIX"
@@ -53,89 +67,108 @@ pub(crate) async fn run(config: &Config, args: Args) -> anyhow::Result<ExitCode>
         }
     }
 
+    let mut targets: Vec<Target> = tags.iter().map(|t| Target::Tag((*t).to_owned())).collect();
+    targets.extend(args.urls.iter().map(|u| Target::Url(u.clone())));
+    targets.extend(args.prefix.iter().map(|p| Target::Prefix(p.clone())));
     let invalidator = cache.invalidator();
     let mut report = Report::default();
-    // Each kind is tried even when an earlier one failed: remove what can be removed.
-    let mut failures = Vec::new();
-    if !tags.is_empty() {
-        match invalidator.invalidate_tags(&tags).await {
-            Ok(removed) => report.add("tag", &removed, tags.iter().map(|t| t.trim())),
-            Err(error) => {
-                report.failed("tag", tags.iter().map(|t| t.trim()));
-                failures.push(("tag", error));
-            }
+    let failure = match invalidator.invalidate(targets.iter().cloned()).await {
+        Ok(removed) => {
+            report.add(&removed, &targets);
+            None
         }
-    }
-    if !args.urls.is_empty() {
-        match invalidator.invalidate_urls(&args.urls).await {
-            Ok(removed) => report.add("url", &removed, args.urls.iter().map(String::as_str)),
-            Err(error) => {
-                report.failed("url", args.urls.iter().map(String::as_str));
-                failures.push(("url", error));
+        Err(error) => {
+            // Pending work is retried in the background: wait for it.
+            let deadline = Instant::now() + Duration::from_secs(args.wait);
+            while matches!(error, mcpage::Error::Pending { .. })
+                && invalidator.pending().count > 0
+                && Instant::now() < deadline
+            {
+                tokio::time::sleep(POLL).await;
             }
+            let confirmed =
+                matches!(error, mcpage::Error::Pending { .. }) && invalidator.pending().count == 0;
+            report.unknown(&targets, confirmed);
+            (!confirmed).then_some(error)
         }
-    }
-    if let Some(prefix) = &args.prefix {
-        match invalidator.purge_prefix(prefix).await {
-            Ok(removed) => report.add("prefix", &removed, [prefix.as_str()]),
-            Err(error) => {
-                report.failed("prefix", [prefix.as_str()]);
-                failures.push(("prefix", error));
-            }
-        }
-    }
+    };
 
     let mut stdout = std::io::stdout().lock();
     report.print(&mut stdout).context("write to stdout")?;
     stdout.flush().context("write to stdout")?;
-    if failures.is_empty() {
+    let Some(error) = failure else {
         return Ok(ExitCode::SUCCESS);
-    }
-    for (kind, error) in &failures {
-        eprintln!(
-            "mcpage invalidate: removing by {kind} was not confirmed, pages may still be cached \
-             (run it again): {error}"
-        );
-    }
+    };
+    let error = match invalidator.pending().last_error {
+        Some(last) if matches!(error, mcpage::Error::Pending { .. }) => last,
+        _ => error.to_string(),
+    };
+    eprintln!(
+        "mcpage invalidate: not confirmed after retrying for {} s, pages may still be cached \
+         (run it again): {error}",
+        args.wait
+    );
     Ok(ExitCode::from(INCOMPLETE))
 }
 
-/// What was removed so far.
+/// One row of the report.
+enum Count {
+    Pages(usize),
+    /// Confirmed by a retry (the counts of retries are not kept).
+    Retried,
+    NotConfirmed,
+}
+
+/// What was removed.
 #[derive(Default)]
 struct Report {
-    /// (kind, item, pages removed; `None`: not confirmed)
-    rows: Vec<(&'static str, String, Option<usize>)>,
+    rows: Vec<(&'static str, String, Count)>,
     total: usize,
+    retried: bool,
     incomplete: bool,
 }
 
+fn kind(target: &Target) -> &'static str {
+    match target {
+        Target::Url(_) => "url",
+        Target::Prefix(_) => "prefix",
+        _ => "tag",
+    }
+}
+
 impl Report {
-    fn add<'a>(
-        &mut self,
-        kind: &'static str,
-        removed: &Removed,
-        items: impl IntoIterator<Item = &'a str>,
-    ) {
-        self.rows(kind, items, |item| Some(removed.count_for(item)));
+    fn add(&mut self, removed: &Removed, targets: &[Target]) {
+        self.rows(targets, |target| {
+            Count::Pages(
+                removed
+                    .by_item
+                    .iter()
+                    .find(|item| item.target == *target)
+                    .map_or(0, |item| item.pages),
+            )
+        });
         self.total += removed.pages;
     }
 
-    fn failed<'a>(&mut self, kind: &'static str, items: impl IntoIterator<Item = &'a str>) {
-        self.rows(kind, items, |_| None);
-        self.incomplete = true;
+    fn unknown(&mut self, targets: &[Target], confirmed: bool) {
+        self.rows(targets, |_| {
+            if confirmed {
+                Count::Retried
+            } else {
+                Count::NotConfirmed
+            }
+        });
+        self.retried = confirmed;
+        self.incomplete = !confirmed;
     }
 
-    fn rows<'a>(
-        &mut self,
-        kind: &'static str,
-        items: impl IntoIterator<Item = &'a str>,
-        count: impl Fn(&str) -> Option<usize>,
-    ) {
-        let mut seen = Vec::new();
-        for item in items {
-            if !seen.contains(&item) {
-                seen.push(item);
-                self.rows.push((kind, item.to_owned(), count(item)));
+    fn rows(&mut self, targets: &[Target], count: impl Fn(&Target) -> Count) {
+        let mut seen: Vec<&Target> = Vec::new();
+        for target in targets {
+            if !seen.contains(&target) {
+                seen.push(target);
+                self.rows
+                    .push((kind(target), target.item().to_owned(), count(target)));
             }
         }
     }
@@ -147,15 +180,18 @@ impl Report {
             .map(|(kind, item, _)| kind.len() + 1 + item.chars().count())
             .max()
             .unwrap_or(0);
-        for (kind, item, pages) in &self.rows {
+        for (kind, item, count) in &self.rows {
             let label = format!("{kind} {item}");
-            match pages {
-                Some(pages) => writeln!(out, "{label:<width$}  {}", pages_text(*pages))?,
-                None => writeln!(out, "{label:<width$}  not confirmed")?,
+            match count {
+                Count::Pages(pages) => writeln!(out, "{label:<width$}  {}", pages_text(*pages))?,
+                Count::Retried => writeln!(out, "{label:<width$}  confirmed after retrying")?,
+                Count::NotConfirmed => writeln!(out, "{label:<width$}  not confirmed")?,
             }
         }
         if self.incomplete {
             writeln!(out, "removed {} (incomplete)", pages_text(self.total))
+        } else if self.retried {
+            writeln!(out, "removed (confirmed after retrying; counts unknown)")
         } else {
             writeln!(out, "removed {}", pages_text(self.total))
         }
@@ -177,8 +213,9 @@ mod tests {
     #[test]
     fn report_lines() {
         let mut report = Report::default();
-        report.add("tag", &Removed::default(), ["comments", "comments"]);
-        report.failed("url", ["/about"]);
+        let comments = Target::Tag("comments".into());
+        report.add(&Removed::default(), &[comments.clone(), comments]);
+        report.unknown(&[Target::Url("/about".into())], false);
         let mut out = Vec::new();
         report.print(&mut out).expect("write");
         assert_eq!(

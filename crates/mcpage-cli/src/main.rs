@@ -11,6 +11,7 @@ mod check;
 mod explain;
 mod http_client;
 mod invalidate;
+mod journal;
 mod nginx;
 mod proxy;
 mod stats;

@@ -1,4 +1,5 @@
-//! `mcpage stats`: memcached's own statistics per server, and the tag index size.
+//! `mcpage stats`: memcached's own statistics per server, the tag index size,
+//! and the invalidations the proxy's journal (`proxy.journal`) still holds.
 //!
 //! Exit codes: 0 all fine; 1 a server is down (reported, not a crash);
 //! 3 the index pool has evicted items, so invalidation can no longer be
@@ -55,10 +56,22 @@ struct IndexReport {
     largest: Option<u64>,
 }
 
+/// Invalidations memcached has not confirmed yet, from the proxy's journal.
+#[derive(Debug, Serialize)]
+struct PendingReport {
+    journal: String,
+    /// Why the journal could not be read.
+    error: Option<String>,
+    count: usize,
+    oldest_secs: Option<f64>,
+}
+
 #[derive(Debug, Serialize)]
 struct Report {
     servers: Vec<ServerReport>,
     index: Vec<IndexReport>,
+    /// `None` without `proxy.journal`.
+    pending: Option<PendingReport>,
     warnings: Vec<String>,
 }
 
@@ -123,10 +136,39 @@ pub(crate) async fn run(config: &Config, args: Args) -> anyhow::Result<ExitCode>
             server.server
         ));
     }
+    let pending = config.proxy.journal.as_deref().map(|path| {
+        let (count, oldest_secs, error) = match crate::journal::read(std::path::Path::new(path)) {
+            Ok(items) => (
+                items.len(),
+                crate::journal::oldest_age(&items).map(|age| age.as_secs_f64()),
+                None,
+            ),
+            Err(error) => (0, None, Some(format!("{error:#}"))),
+        };
+        PendingReport {
+            journal: path.to_owned(),
+            error,
+            count,
+            oldest_secs,
+        }
+    });
+    if let Some(pending) = &pending {
+        if let Some(error) = &pending.error {
+            warnings.push(format!("cannot read the journal: {error}"));
+        } else if pending.count > 0 {
+            warnings.push(format!(
+                "{} invalidation(s) pending for {:.0} s (memcached has not confirmed them; the proxy \
+                 retries them): their pages may be stale",
+                pending.count,
+                pending.oldest_secs.unwrap_or_default()
+            ));
+        }
+    }
     let (any_down, any_evicting) = (!down.is_empty(), !evicting.is_empty());
     let report = Report {
         servers,
         index,
+        pending,
         warnings,
     };
 
@@ -260,7 +302,26 @@ fn print_human(out: &mut impl Write, report: &Report) -> std::io::Result<()> {
             Some(error) => table.note(vec![i.server.clone()], format!("DOWN: {error}")),
         }
     }
-    table.print(out)
+    table.print(out)?;
+    if let Some(pending) = &report.pending {
+        writeln!(out)?;
+        let mut table = Table::new(&["pending invalidations", "count", "oldest"]);
+        match &pending.error {
+            None => table.row(vec![
+                pending.journal.clone(),
+                pending.count.to_string(),
+                pending
+                    .oldest_secs
+                    .map_or_else(dash, |secs| format!("{secs:.0} s")),
+            ]),
+            Some(error) => table.note(
+                vec![pending.journal.clone()],
+                format!("UNREADABLE: {error}"),
+            ),
+        }
+        table.print(out)?;
+    }
+    Ok(())
 }
 
 /// A text table: the first two columns left-aligned, the rest right-aligned;

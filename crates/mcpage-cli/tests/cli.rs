@@ -667,7 +667,11 @@ async fn invalidate_reports_what_it_removed() {
 
     // memcached down: not confirmed, exit 1, the error named.
     memcached.stop();
-    let run = mcpage(&config_path, &["invalidate", "--tag", "t3"], None);
+    let run = mcpage(
+        &config_path,
+        &["invalidate", "--tag", "t3", "--wait", "0"],
+        None,
+    );
     assert_eq!(run.code, Some(1), "{}", run.both());
     assert_eq!(run.line("tag t3"), "tag t3 not confirmed", "{}", run.both());
     assert!(

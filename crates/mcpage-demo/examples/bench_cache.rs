@@ -16,6 +16,11 @@
 //! - invalidation: stores `--pages` pages under one tag with
 //!   `Cache::store_page` (the layer's write path), then times
 //!   `invalidate_tags` for that tag and checks that every page was removed;
+//! - read-your-writes costs: 1,000 pages stored one after another through
+//!   the write path (time per write; it makes 5 round trips, the clock
+//!   pre-check being the fifth), and 100 invalidations of a one-page tag one
+//!   after another (latency; every invalidation waits 2W,
+//!   `invalidation.write_window_ms`, before it deletes);
 //! - single-flight: `--rounds` times, `--concurrency` GETs of one uncached
 //!   article go through the demo behind the layer at once; a counter between
 //!   the layer and the routes counts the renders. First in process, where a
@@ -128,6 +133,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             rounds,
         } => {
             invalidation(&cache, pages).await?;
+            read_your_writes_costs(&cache).await?;
             single_flight(&cache, concurrency, rounds).await
         }
     }
@@ -278,6 +284,46 @@ async fn invalidation(cache: &Cache, pages: usize) -> anyhow::Result<()> {
         per_second(removed.pages, took),
         stored_in.as_secs_f64(),
         per_second(pages, stored_in),
+    );
+    Ok(())
+}
+
+/// What read-your-writes costs: the write path's time per page (sequential,
+/// so round trips add up) and an invalidation's latency.
+async fn read_your_writes_costs(cache: &Cache) -> anyhow::Result<()> {
+    const WRITES: usize = 1_000;
+    const INVALIDATIONS: usize = 100;
+    const TAG: &str = "bench:rw";
+    let body = bytes_of(2048);
+    let started = Instant::now();
+    for i in 0..WRITES {
+        let url = format!("/bench/rw/{i:04}");
+        cache
+            .store_page(&url, body.clone(), [TAG])
+            .await
+            .with_context(|| format!("store {url}"))?;
+    }
+    let write = started.elapsed() / u32::try_from(WRITES).unwrap_or(u32::MAX);
+    let invalidator = cache.invalidator();
+    invalidator.invalidate_tags([TAG]).await?;
+    let mut latencies = Vec::with_capacity(INVALIDATIONS);
+    for _ in 0..INVALIDATIONS {
+        cache
+            .store_page("/bench/rw/one", body.clone(), [TAG])
+            .await?;
+        let started = Instant::now();
+        let removed = invalidator.invalidate_tags([TAG]).await?;
+        latencies.push(started.elapsed());
+        ensure!(removed.pages == 1, "the one page was not removed");
+    }
+    latencies.sort();
+    let window = cache.config().invalidation.write_window_ms;
+    println!(
+        "rw_costs write_us={:.0} write_round_trips=5 window_ms={window} settle_ms={} inv_p50_ms={:.1} inv_p99_ms={:.1}",
+        write.as_secs_f64() * 1e6,
+        2 * window + 1,
+        millis(latencies[INVALIDATIONS / 2]),
+        millis(latencies[INVALIDATIONS * 99 / 100]),
     );
     Ok(())
 }

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use crate::clock::Clocks;
 use crate::config::{Compiled, Config};
 use crate::error::{Error, Result};
-use crate::invalidate::{self, Invalidator};
+use crate::invalidate::Invalidator;
 use crate::key::{KeyScheme, KeySkip, PageKey};
 use crate::memcached::{Circuit, Pool, Server, text};
 use crate::policy::{self, Bypass};
@@ -74,17 +74,19 @@ impl Cache {
             clocks.clone(),
             index_keys.clone(),
             &config.cache,
+            Duration::from_millis(config.invalidation.write_window_ms),
             Arc::clone(&metrics),
         ));
-        let invalidator = Invalidator::new(invalidate::Parts {
-            pages: Arc::clone(&pages),
-            index: Arc::clone(&index),
-            clocks: clocks.clone(),
-            index_keys: index_keys.clone(),
-            keys: keys.clone(),
+        let invalidator = Invalidator::new(
+            Arc::clone(&pages),
+            Arc::clone(&index),
+            clocks.clone(),
+            index_keys.clone(),
+            keys.clone(),
             index_ttl,
-            metrics: Arc::clone(&metrics),
-        });
+            &config.invalidation,
+            Arc::clone(&metrics),
+        );
         Ok(Cache {
             inner: Arc::new(Inner {
                 config: config.clone(),
@@ -169,7 +171,9 @@ impl Cache {
             .into_iter()
             .map(Server::health)
             .collect();
-        self.inner.metrics.snapshot(servers)
+        self.inner
+            .metrics
+            .snapshot(servers, self.inner.invalidator.pending())
     }
 
     /// Store `body` as the page for `target` (a path as a user writes it, or
@@ -217,7 +221,7 @@ impl Cache {
         };
         match self.inner.writer.write(&page).await? {
             Written::Stored => Ok(page.key),
-            Written::Retracted => Err(Error::Retracted {
+            Written::Retracted | Written::Abandoned => Err(Error::Retracted {
                 url: target.to_owned(),
             }),
         }

@@ -41,6 +41,8 @@ pub struct Config {
     pub nginx: NginxConfig,
     /// `mcpage proxy`: the layer in front of any HTTP backend.
     pub proxy: ProxyConfig,
+    /// Read-your-writes, retries of unconfirmed invalidations, bursts.
+    pub invalidation: InvalidationConfig,
 }
 
 /// `[memcached]`
@@ -375,6 +377,10 @@ pub struct ProxyConfig {
     /// Also cache pages without an `X-Cache-Tags` header (removable only by
     /// URL, prefix or TTL). Off: a page is cached only when the backend tags it.
     pub cache_untagged: bool,
+    /// File that keeps pending invalidations (memcached did not confirm them
+    /// yet) across restarts; none keeps them in memory only. `mcpage stats`
+    /// reads it too.
+    pub journal: Option<String>,
 }
 
 impl Default for ProxyConfig {
@@ -387,6 +393,44 @@ impl Default for ProxyConfig {
             upstream_timeout_ms: 30_000,
             upstream_idle_timeout_ms: 1000,
             cache_untagged: false,
+            journal: None,
+        }
+    }
+}
+
+/// `[invalidation]`: what makes an invalidation that returned hold for every
+/// later request, and what happens to one memcached did not confirm
+/// (README, "What mcpage promises").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct InvalidationConfig {
+    /// W: a page store must start within W of the write path's clock
+    /// pre-check and be answered within W more, or the page is not kept;
+    /// every invalidation waits 2W after raising its clocks before it reads
+    /// the tag index and deletes (its cost in latency).
+    pub write_window_ms: u64,
+    /// First retry of an invalidation memcached did not confirm; the delay
+    /// doubles after each failed attempt, up to `retry_max_ms`.
+    pub retry_min_ms: u64,
+    /// Longest delay between two retries (`retry_min_ms` when smaller).
+    pub retry_max_ms: u64,
+    /// Tags, URLs and prefixes that may wait to be retried at once; an
+    /// unconfirmed invalidation that does not fit is an error (`QueueFull`).
+    pub pending_limit: usize,
+    /// Callers that may wait for the next combined invalidation run; more
+    /// are refused (`Overloaded`; the proxy answers 429 with Retry-After).
+    pub max_waiting: usize,
+}
+
+impl Default for InvalidationConfig {
+    fn default() -> Self {
+        InvalidationConfig {
+            write_window_ms: 50,
+            retry_min_ms: 100,
+            retry_max_ms: 10_000,
+            pending_limit: 10_000,
+            max_waiting: 10_000,
         }
     }
 }
@@ -473,6 +517,31 @@ impl Config {
         )?;
         if self.memcached.timeout_ms == 0 {
             return Err(Error::config("memcached.timeout_ms", "must be at least 1"));
+        }
+        let inv = &self.invalidation;
+        if !(1..=10_000).contains(&inv.write_window_ms) {
+            return Err(Error::config(
+                "invalidation.write_window_ms",
+                "must be 1..=10000",
+            ));
+        }
+        if inv.retry_min_ms == 0 {
+            return Err(Error::config(
+                "invalidation.retry_min_ms",
+                "must be at least 1",
+            ));
+        }
+        if inv.pending_limit == 0 {
+            return Err(Error::config(
+                "invalidation.pending_limit",
+                "must be at least 1",
+            ));
+        }
+        if inv.max_waiting == 0 {
+            return Err(Error::config(
+                "invalidation.max_waiting",
+                "must be at least 1",
+            ));
         }
         if self.proxy.upstream_timeout_ms == 0 {
             return Err(Error::config(

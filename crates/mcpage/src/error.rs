@@ -60,19 +60,49 @@ pub enum Error {
         /// The item's key, lossily decoded.
         item: String,
     },
-    /// Invalidation could not be completed; some pages may still be cached.
+    /// memcached did not confirm an invalidation. The tags, URLs or prefixes
+    /// it did not confirm are queued and retried in the background, with
+    /// backoff, until memcached confirms ([`Invalidator::pending`]
+    /// says what is waiting). Until then their pages may be stale.
+    ///
+    /// [`Invalidator::pending`]: crate::Invalidator::pending
     #[error(
-        "invalidation incomplete: {failed} of {attempted} memcached operations failed (first: {first})"
+        "invalidation not confirmed by memcached; {items} tag(s)/URL(s)/prefix(es) pending, retried until confirmed (first failure: {first})"
     )]
-    Incomplete {
-        /// Operations that were attempted.
-        attempted: usize,
-        /// Operations that failed or were not confirmed.
-        failed: usize,
+    Pending {
+        /// Tags, URLs and prefixes of this call that are pending.
+        items: usize,
         /// The first failure, for the log line.
         #[source]
         first: Box<Error>,
     },
+    /// memcached did not confirm an invalidation, and the retry queue is full
+    /// (`invalidation.pending_limit`): it is **not** retried; call again later.
+    #[error(
+        "invalidation retry queue full ({limit} items): not retried; call again later{}",
+        .first.as_ref().map(|e| format!(" (first failure: {e})")).unwrap_or_default()
+    )]
+    QueueFull {
+        /// `invalidation.pending_limit`.
+        limit: usize,
+        /// The memcached failure that left the call unconfirmed (none when
+        /// [`Invalidator::restore`](crate::Invalidator::restore) found no room).
+        #[source]
+        first: Option<Box<Error>>,
+    },
+    /// Too many callers are already waiting for the next combined
+    /// invalidation (`invalidation.max_waiting`); nothing was done.
+    #[error("{waiting} invalidations already waiting; retry after {} s", .retry_after.as_secs())]
+    Overloaded {
+        /// Callers waiting when this one was refused.
+        waiting: usize,
+        /// A fair time to wait before calling again (the last run's duration, at least 1 s).
+        retry_after: std::time::Duration,
+    },
+    /// The invalidation task stopped before it answered (the runtime is
+    /// shutting down); whether pages were removed is unknown.
+    #[error("the invalidation task stopped before it answered")]
+    Stopped,
     /// A URL given to the API maps to no cache key, so it can have no page.
     #[error("`{url}` has no cache key ({})", .reason.reason())]
     NoCacheKey {
@@ -88,6 +118,22 @@ pub enum Error {
     Retracted {
         /// The URL as given.
         url: String,
+    },
+    /// The write path could not start a page store, or have it answered,
+    /// within the write window after its clock pre-check
+    /// (`invalidation.write_window_ms`): the page is not kept (a store that
+    /// may have landed is deleted again). Only a slow or overloaded memcached
+    /// causes it; the request was served, the page is simply not cached.
+    #[error(
+        "page store not {stage}ed within the write window ({elapsed_ms} ms after the clock check; window {window_ms} ms)"
+    )]
+    WriteWindow {
+        /// `start` (too late to send) or `answer` (sent, no answer in time).
+        stage: &'static str,
+        /// Milliseconds since the pre-check started.
+        elapsed_ms: u64,
+        /// `invalidation.write_window_ms`.
+        window_ms: u64,
     },
     /// Compressing a page (`cache.gzip`) failed.
     #[error("gzip failed: {0}")]
@@ -123,7 +169,7 @@ impl Error {
     }
 
     /// The memcached server (as written in the config) this error is about,
-    /// if it is about one; for [`Error::Incomplete`], that of the first failure.
+    /// if it is about one; for [`Error::Pending`] and [`Error::QueueFull`], that of the first failure.
     pub fn server(&self) -> Option<&str> {
         match self {
             Error::Memcached { server, .. }
@@ -131,8 +177,32 @@ impl Error {
             | Error::BreakerOpen { server }
             | Error::Contended { server, .. }
             | Error::IndexFull { server, .. } => Some(server),
-            Error::Incomplete { first, .. } => first.server(),
+            Error::Pending { first, .. } => first.server(),
+            Error::QueueFull { first, .. } => first.as_deref().and_then(Error::server),
             _ => None,
+        }
+    }
+
+    /// The same failure again (errors are not `Clone`: sources are shared or
+    /// rendered), for one failure reported to several callers.
+    pub(crate) fn duplicate(&self) -> Error {
+        match self {
+            Error::Memcached { server, source } => Error::Memcached {
+                server: server.clone(),
+                source: Arc::clone(source),
+            },
+            Error::BreakerOpen { server } => Error::BreakerOpen {
+                server: server.clone(),
+            },
+            Error::Contended { server, item } => Error::Contended {
+                server: server.clone(),
+                item: item.clone(),
+            },
+            Error::Stopped => Error::Stopped,
+            other => Error::Protocol {
+                server: other.server().unwrap_or_default().to_owned(),
+                message: other.detail(),
+            },
         }
     }
 
@@ -171,12 +241,12 @@ mod tests {
         assert_eq!(protocol.server(), Some("127.0.0.1:11211"));
         assert_eq!(protocol.detail(), "odd");
         assert_eq!(protocol.to_string(), "memcached 127.0.0.1:11211: odd");
-        let incomplete = Error::Incomplete {
-            attempted: 3,
-            failed: 1,
+        assert_eq!(protocol.duplicate().to_string(), protocol.to_string());
+        let pending = Error::Pending {
+            items: 1,
             first: Box::new(protocol),
         };
-        assert_eq!(incomplete.server(), Some("127.0.0.1:11211"));
+        assert_eq!(pending.server(), Some("127.0.0.1:11211"));
         let too_large = Error::TooLarge { bytes: 2, limit: 1 };
         assert_eq!(too_large.server(), None);
         assert_eq!(too_large.detail(), too_large.to_string());

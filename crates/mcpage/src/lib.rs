@@ -39,7 +39,9 @@
 //! - `put`: the write path (register the page in its tags' index, store it,
 //!   re-check the clocks); `clock`: the invalidation clocks both protocols
 //!   agree through; `tags`: the tag index format.
-//! - `invalidate`: the [`Invalidator`] (raise clocks, delete, clear the index).
+//! - `invalidate`: the [`Invalidator`]: concurrent calls combined into runs,
+//!   unconfirmed ones queued and retried; `invalidate::run`, the protocol of
+//!   one run (raise clocks, settle, delete, clear the index).
 //! - `memcached`: the client (one meta-protocol client per server, circuit
 //!   breakers, pipelined batches, text-protocol diagnostics).
 //! - `cache`: the [`Cache`] handle that owns all of the above; `stats`: counters.
@@ -71,11 +73,11 @@ pub struct ReadmeDoctests;
 
 pub use cache::Cache;
 pub use config::{
-    CacheConfig, Config, KeysConfig, MemcachedConfig, NginxConfig, ProxyConfig, ServerSpec,
-    TagHeader, TagSeparator,
+    CacheConfig, Config, InvalidationConfig, KeysConfig, MemcachedConfig, NginxConfig, ProxyConfig,
+    ServerSpec, TagHeader, TagSeparator,
 };
 pub use error::{Error, Result};
-pub use invalidate::{Invalidator, Removed, RemovedItem};
+pub use invalidate::{Invalidator, Pending, PendingItem, Removed, RemovedItem, Target};
 pub use layer::{CacheTags, PageBody, PageCache, PageCacheLayer, SkipCache};
 pub use policy::{Bypass, CHECKED_HEADERS, UNKEYED_HEADERS};
 pub use stats::{BypassCount, CacheStats, IndexUsage, ServerReport, ServerStats};

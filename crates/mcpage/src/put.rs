@@ -5,15 +5,50 @@
 //!    that turns out too large must not leave an index record.
 //! 2. Register the page key in one shard of every tag's index (an atomic
 //!    append, compacting shards that have doubled). If that fails, stop.
-//! 3. Store the page under its key, on the server nginx asks.
-//! 4. Re-read the clocks of its tags, its URL and purges ([`Clocks`]): if any
-//!    advanced past the G read before the render, delete the page again.
+//! 3. **Pre-check**: note the time t0, then read the clocks of its tags, its
+//!    URL and purges ([`Clocks`]). If any advanced past the G read before the
+//!    render, an invalidation overlapped it: do not store (`Abandoned`).
+//! 4. Store the page under its key, on the server nginx asks, only if that
+//!    is still within the write window W (`invalidation.write_window_ms`)
+//!    after t0, and with W as the store's own deadline. A store that is not
+//!    answered in time is deleted again and reported ([`Error::WriteWindow`]).
+//! 5. **Post-check**: re-read the same clocks; if any advanced, delete the
+//!    page again (`Retracted`).
+//!
+//! # Why a request that starts after an invalidation returned never sees this page stale
+//!
+//! Let an invalidation I (invalidate.rs) raise a clock this page depends on
+//! to C (every raise confirmed, at time r), and let this render have read
+//! G = g < C (it may show data older than what I covers). The pre-check's
+//! clock read lands in memcached either after I's raise or before it:
+//!
+//! - After: it sees C > g and the page is never stored.
+//! - Before: then t0 < r, and the index records (step 2, confirmed before t0)
+//!   landed before I's raise, so I finds them when it reads the index. The
+//!   store was started before t0 + W with a deadline of W: it was answered
+//!   before t0 + 2W, or given up at that deadline (and memcached is assumed
+//!   not to execute it later: the one assumption, below). So the store
+//!   executed before t0 + 2W < r + 2W. I waits 2W after r before it reads the
+//!   index and deletes, so its delete of this key executes after the store:
+//!   when I returns, the page is gone, and no later store of this render exists.
+//!
+//! A render with g >= C read G after I raised it, so after the commit I
+//! covers (callers invalidate after committing): its page is fresh.
+//! Single-flight followers are judged the same way (layer/service.rs).
+//!
+//! The assumption: memcached does not execute a store after the writer's
+//! deadline for it has passed unanswered. A healthy memcached answers in
+//! microseconds; a memcached paused (SIGSTOP, a frozen VM) with a store in
+//! flight can execute it later, possibly after an invalidation's delete. The
+//! writer deletes such a store again, the post-check catches most of the
+//! rest, and the page TTL bounds what remains (README, "What mcpage promises").
 //!
 //! Writes run in the background ([`Writer::spawn`]), bounded in number; the
 //! request that rendered the page never waits on memcached.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use memcache::exp::{Delete, Get, Meta, MutationStatus, Set, Ttl};
@@ -59,7 +94,9 @@ pub(crate) struct PageWrite {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Written {
     Stored,
-    /// Stored, then deleted: an invalidation overlapped the render.
+    /// Not stored: the pre-check saw an invalidation that overlapped the render.
+    Abandoned,
+    /// Stored, then deleted: the post-check saw an overlapping invalidation.
     Retracted,
 }
 
@@ -75,6 +112,8 @@ pub(crate) struct Writer {
     index_shard_max_bytes: usize,
     index_ttl: u32,
     metrics: Arc<Metrics>,
+    /// W: the store starts within W of the pre-check and has W to be answered.
+    window: Duration,
     tasks: TaskTracker,
     /// Bounds concurrent background writes (and so memcached connections).
     slots: Arc<Semaphore>,
@@ -92,6 +131,7 @@ impl Writer {
         clocks: Clocks,
         index_keys: IndexKeys,
         cache: &CacheConfig,
+        window: Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
         Writer {
@@ -104,6 +144,7 @@ impl Writer {
             index_shard_max_bytes: cache.index_shard_max_bytes,
             index_ttl: tags::index_ttl(cache.ttl_secs),
             metrics,
+            window,
             tasks: TaskTracker::new(),
             slots: Arc::new(Semaphore::new(MAX_CONCURRENT_WRITES)),
         }
@@ -130,9 +171,13 @@ impl Writer {
                 Ok(Written::Stored) => {
                     writer.metrics.stores.fetch_add(1, Ordering::Relaxed);
                 }
-                Ok(Written::Retracted) => {
+                Ok(Written::Retracted | Written::Abandoned) => {
                     writer.metrics.retracted.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(key, "invalidated during render; not kept");
+                }
+                Err(error @ Error::WriteWindow { .. }) => {
+                    writer.metrics.late.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(key, %error, "page not cached");
                 }
                 Err(error) => {
                     writer.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
@@ -151,27 +196,61 @@ impl Writer {
         self.tasks.reopen();
     }
 
-    /// Register in every tag's index, store, then recheck the clocks.
+    /// Register in every tag's index, pre-check the clocks, store within the
+    /// write window, then post-check the clocks (see the module docs).
     ///
     /// # Errors
     /// The body is too large or cannot be compressed; a tag's index item is
-    /// full; memcached did not confirm the registration or the store; or a
-    /// clock could not be re-read (then the page is deleted again).
+    /// full; memcached did not confirm the registration or the store; a
+    /// clock could not be read (then the page is not stored, or deleted
+    /// again); [`Error::WriteWindow`] when the store could not start or be
+    /// answered within the write window (then it is deleted again).
     pub(crate) async fn write(&self, page: &PageWrite) -> Result<Written> {
         let (body, flags) = self.encode_body(&page.body)?;
         self.register(page).await?;
-        let server = self.pages.route(&page.key.unescaped);
-        let set = Set::new(&page.key.escaped, body)
-            .client_flags(flags)
-            .ttl(Ttl::secs(page.ttl));
-        let stored = server.run(Circuit::Honour, set).await?;
-        if !stored.applied() {
-            return Err(server.protocol(format!("page store answered {:?}", stored.status)));
-        }
         let ik = &self.index_keys;
         let mut clocks: Vec<Vec<u8>> = page.tags.iter().map(|tag| ik.tag_clock(tag)).collect();
         clocks.push(ik.url_clock(&page.key.escaped));
         clocks.push(ik.purge_clock());
+
+        // t0 is taken before the pre-check is sent: the bound the proof uses.
+        let t0 = Instant::now();
+        if self
+            .clocks
+            .advanced_since(clocks.clone(), page.clock)
+            .await?
+        {
+            return Ok(Written::Abandoned);
+        }
+        let server = self.pages.route(&page.key.unescaped);
+        let window_error = |stage| Error::WriteWindow {
+            stage,
+            elapsed_ms: u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
+            window_ms: u64::try_from(self.window.as_millis()).unwrap_or(u64::MAX),
+        };
+        if t0.elapsed() >= self.window {
+            return Err(window_error("start"));
+        }
+        let set = Set::new(&page.key.escaped, body)
+            .client_flags(flags)
+            .ttl(Ttl::secs(page.ttl));
+        match tokio::time::timeout(self.window, server.run(Circuit::Honour, set)).await {
+            Ok(Ok(stored)) if stored.applied() => {}
+            Ok(Ok(stored)) => {
+                return Err(server.protocol(format!("page store answered {:?}", stored.status)));
+            }
+            Ok(Err(error)) => {
+                // It may have been executed (written, then the answer failed).
+                if !matches!(error, Error::BreakerOpen { .. }) {
+                    let _ = retract(server, page).await;
+                }
+                return Err(error);
+            }
+            Err(_) => {
+                let _ = retract(server, page).await;
+                return Err(window_error("answer"));
+            }
+        }
         match self.clocks.advanced_since(clocks, page.clock).await {
             Ok(false) => Ok(Written::Stored),
             Ok(true) => {
@@ -356,7 +435,8 @@ impl Writer {
     }
 }
 
-/// Delete a page just stored (an invalidation overlapped its render).
+/// Delete a page just stored (an invalidation overlapped its render, or the
+/// store's answer did not come in time).
 async fn retract(server: &Server, page: &PageWrite) -> Result<()> {
     server
         .run(Circuit::Ignore, Delete::new(&page.key.escaped))

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use strum::{EnumCount, IntoEnumIterator};
 
 use crate::error::Result;
+use crate::invalidate::Pending;
 use crate::policy::Bypass;
 
 /// Counters since start, shared by the layer, the write path and the invalidator.
@@ -14,11 +15,15 @@ pub(crate) struct Metrics {
     pub(crate) stores: AtomicU64,
     pub(crate) store_errors: AtomicU64,
     pub(crate) retracted: AtomicU64,
+    pub(crate) late: AtomicU64,
     pub(crate) misses: AtomicU64,
     pub(crate) shared: AtomicU64,
     bypass: [AtomicU64; Bypass::COUNT],
     pub(crate) invalidations: AtomicU64,
     pub(crate) invalidation_errors: AtomicU64,
+    pub(crate) invalidation_runs: AtomicU64,
+    pub(crate) invalidation_retries: AtomicU64,
+    pub(crate) refused: AtomicU64,
     pub(crate) pages_removed: AtomicU64,
 }
 
@@ -27,12 +32,13 @@ impl Metrics {
         self.bypass[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(crate) fn snapshot(&self, servers: Vec<ServerStats>) -> CacheStats {
+    pub(crate) fn snapshot(&self, servers: Vec<ServerStats>, pending: Pending) -> CacheStats {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         CacheStats {
             stores: load(&self.stores),
             store_errors: load(&self.store_errors),
             retracted: load(&self.retracted),
+            late: load(&self.late),
             misses: load(&self.misses),
             shared: load(&self.shared),
             bypass: Bypass::iter()
@@ -43,6 +49,10 @@ impl Metrics {
                 .collect(),
             invalidations: load(&self.invalidations),
             invalidation_errors: load(&self.invalidation_errors),
+            invalidation_runs: load(&self.invalidation_runs),
+            invalidation_retries: load(&self.invalidation_retries),
+            invalidations_refused: load(&self.refused),
+            pending,
             pages_removed: load(&self.pages_removed),
             servers,
         }
@@ -57,8 +67,12 @@ pub struct CacheStats {
     pub stores: u64,
     /// Stores that failed (memcached error, breaker open, index full).
     pub store_errors: u64,
-    /// Pages deleted again right after storing, because a tag was invalidated during the render.
+    /// Renders not kept because an invalidation overlapped them: not stored
+    /// (the clock pre-check saw it) or deleted again right after storing.
     pub retracted: u64,
+    /// Pages not cached because memcached could not take the store within
+    /// the write window (`invalidation.write_window_ms`).
+    pub late: u64,
     /// Cacheable requests that reached the application.
     pub misses: u64,
     /// Requests answered from another request's render (single-flight).
@@ -67,8 +81,16 @@ pub struct CacheStats {
     pub bypass: Vec<BypassCount>,
     /// Completed invalidation calls.
     pub invalidations: u64,
-    /// Invalidation calls that returned an error.
+    /// Invalidation calls that returned an error (pending, refused, ...).
     pub invalidation_errors: u64,
+    /// Protocol runs (concurrent calls are combined into one run).
+    pub invalidation_runs: u64,
+    /// Background retries of pending invalidations.
+    pub invalidation_retries: u64,
+    /// Invalidation calls refused because too many were waiting.
+    pub invalidations_refused: u64,
+    /// Invalidations memcached has not confirmed yet (retried in the background).
+    pub pending: Pending,
     /// Pages removed by invalidation.
     pub pages_removed: u64,
     /// Per memcached server (pages and index pool).

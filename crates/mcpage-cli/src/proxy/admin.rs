@@ -7,11 +7,12 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use http::header::{
-    ALLOW, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE,
+    ALLOW, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE,
 };
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
+use mcpage::Target;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -20,6 +21,8 @@ use super::State;
 
 /// Largest invalidation request body.
 const MAX_INVALIDATE_BODY: usize = 1024 * 1024;
+/// `Retry-After` when the retry queue is full or the proxy is stopping.
+const RETRY_AFTER_SECS: u64 = 5;
 
 /// The SHA-256 of the configured bearer token: compared in constant time
 /// and of fixed length, so neither the token nor its length leaks by timing.
@@ -195,58 +198,39 @@ pub(crate) async fn apply(state: &State, wanted: InvalidateRequest) -> Response<
         );
     }
 
+    let targets = wanted
+        .tags
+        .iter()
+        .map(|tag| Target::Tag(tag.clone()))
+        .chain(wanted.urls.iter().map(|url| Target::Url(url.clone())))
+        .chain(wanted.prefix.iter().map(|p| Target::Prefix(p.clone())));
     let invalidator = state.cache.invalidator();
-    let mut pages = 0;
-    let mut errors: Vec<String> = Vec::new();
-    let mut counts: BTreeMap<&str, serde_json::Map<String, serde_json::Value>> = BTreeMap::new();
-    let mut record = |kind: &'static str, result: mcpage::Result<mcpage::Removed>| match result {
-        Ok(removed) => {
-            pages += removed.pages;
-            let entry = counts.entry(kind).or_default();
-            for removed in removed.by_item {
-                entry.insert(removed.item, removed.pages.into());
-            }
-            Ok(())
-        }
-        Err(error) => Err(error),
+    // One combined run for all three kinds (concurrent calls share runs).
+    let removed = match invalidator.invalidate(targets).await {
+        Ok(removed) => removed,
+        Err(error) => return invalidation_error(state, &invalidator, &error).await,
     };
-
-    // URLs first: one that maps to no cache key is the caller's mistake (400),
-    // and is found before anything is removed.
-    if !wanted.urls.is_empty() {
-        match record("urls", invalidator.invalidate_urls(&wanted.urls).await) {
-            Ok(()) => {}
-            Err(error @ mcpage::Error::NoCacheKey { .. }) => {
-                return error_json(StatusCode::BAD_REQUEST, &error.to_string());
-            }
-            Err(error) => errors.push(error.to_string()),
-        }
-    }
-    if !wanted.tags.is_empty() {
-        if let Err(error) = record("tags", invalidator.invalidate_tags(&wanted.tags).await) {
-            errors.push(error.to_string());
-        }
-    }
-    if let Some(prefix) = &wanted.prefix {
-        if let Err(error) = record("prefix", invalidator.purge_prefix(prefix).await) {
-            errors.push(error.to_string());
-        }
-    }
-    if !errors.is_empty() {
-        let message = errors.join("; ");
-        tracing::warn!(error = %message, "invalidation failed");
-        // Never a 200 when memcached did not confirm: some pages may remain.
-        return error_json(StatusCode::BAD_GATEWAY, &message);
-    }
     tracing::info!(
-        pages,
+        pages = removed.pages,
         tags = ?wanted.tags,
         urls = ?wanted.urls,
         prefix = ?wanted.prefix,
         "invalidated"
     );
+    let mut counts: BTreeMap<&str, serde_json::Map<String, serde_json::Value>> = BTreeMap::new();
+    for item in removed.by_item {
+        let kind = match item.target {
+            Target::Url(_) => "urls",
+            Target::Prefix(_) => "prefix",
+            _ => "tags",
+        };
+        counts
+            .entry(kind)
+            .or_default()
+            .insert(item.item, item.pages.into());
+    }
     let mut out = serde_json::Map::new();
-    out.insert("pages".to_owned(), pages.into());
+    out.insert("pages".to_owned(), removed.pages.into());
     for kind in ["tags", "urls", "prefix"] {
         out.insert(
             kind.to_owned(),
@@ -256,14 +240,72 @@ pub(crate) async fn apply(state: &State, wanted: InvalidateRequest) -> Response<
     json(StatusCode::OK, &serde_json::Value::Object(out))
 }
 
+/// The answer to an invalidation that did not complete: `202` when it is
+/// pending (journaled first, so a crash after the answer does not lose it),
+/// `429`/`503` with `Retry-After` when refused, `400` for a URL without a key.
+async fn invalidation_error(
+    state: &State,
+    invalidator: &mcpage::Invalidator,
+    error: &mcpage::Error,
+) -> Response<Full<Bytes>> {
+    let message = error.to_string();
+    let (status, retry_after) = match error {
+        mcpage::Error::NoCacheKey { .. } => return error_json(StatusCode::BAD_REQUEST, &message),
+        mcpage::Error::Pending { .. } => {
+            tracing::warn!(error = %message, "invalidation pending");
+            if let Some(journal) = &state.journal
+                && let Err(error) = journal.save(invalidator).await
+            {
+                tracing::error!("{error:#}");
+            }
+            let pending = invalidator.pending();
+            return json(
+                StatusCode::ACCEPTED,
+                &serde_json::json!({
+                    "pending": true,
+                    "error": message,
+                    "pending_total": pending.count,
+                    "oldest_pending_secs": pending.oldest.map_or(0.0, |age| age.as_secs_f64()),
+                    "journaled": state.journal.is_some(),
+                }),
+            );
+        }
+        mcpage::Error::Overloaded { retry_after, .. } => {
+            (StatusCode::TOO_MANY_REQUESTS, retry_after.as_secs().max(1))
+        }
+        mcpage::Error::QueueFull { .. } | mcpage::Error::Stopped => {
+            (StatusCode::SERVICE_UNAVAILABLE, RETRY_AFTER_SECS)
+        }
+        // Never a 200 when memcached did not confirm: some pages may remain.
+        _ => (StatusCode::BAD_GATEWAY, RETRY_AFTER_SECS),
+    };
+    tracing::warn!(error = %message, status = status.as_u16(), "invalidation refused");
+    let mut response = error_json(status, &message);
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(retry_after));
+    response
+}
+
 /// `GET /_mcpage/health`: `ok`, plus the memcached servers whose breaker is
-/// open (the proxy still serves then: requests just are not cached).
+/// open (the proxy still serves then: requests just are not cached) and the
+/// invalidations memcached has not confirmed yet (their pages may be stale).
 fn health(state: &State) -> Response<Full<Bytes>> {
+    let stats = state.cache.stats();
     let mut body = String::from("ok\n");
-    for server in state.cache.stats().servers {
+    for server in &stats.servers {
         if server.breaker_open {
             let _ = writeln!(body, "memcached {}: breaker open", server.name);
         }
+    }
+    if stats.pending.count > 0 {
+        let _ = writeln!(
+            body,
+            "pending invalidations: {}, oldest {:.1} s (retried until memcached confirms; last error: {})",
+            stats.pending.count,
+            stats.pending.oldest.unwrap_or_default().as_secs_f64(),
+            stats.pending.last_error.as_deref().unwrap_or("none"),
+        );
     }
     text(StatusCode::OK, body)
 }
@@ -291,8 +333,13 @@ fn metrics(state: &State) -> Response<Full<Bytes>> {
     );
     counter(
         "mcpage_retracted_total",
-        "Pages deleted right after storing because a tag was invalidated during the render.",
+        "Renders not kept because an invalidation overlapped them (not stored, or deleted right after).",
         stats.retracted,
+    );
+    counter(
+        "mcpage_stores_late_total",
+        "Pages not cached because memcached did not take the store within invalidation.write_window_ms.",
+        stats.late,
     );
     counter(
         "mcpage_misses_total",
@@ -320,6 +367,21 @@ fn metrics(state: &State) -> Response<Full<Bytes>> {
         stats.pages_removed,
     );
     counter(
+        "mcpage_invalidation_runs_total",
+        "Invalidation protocol runs (concurrent calls are combined into one run).",
+        stats.invalidation_runs,
+    );
+    counter(
+        "mcpage_invalidation_retries_total",
+        "Background retries of invalidations memcached had not confirmed.",
+        stats.invalidation_retries,
+    );
+    counter(
+        "mcpage_invalidations_refused_total",
+        "Invalidation calls refused (429) because too many were waiting.",
+        stats.invalidations_refused,
+    );
+    counter(
         "mcpage_proxy_upstream_errors_total",
         "Requests the upstream did not answer (502/504 from the proxy).",
         state.upstream_errors.load(Ordering::Relaxed),
@@ -330,6 +392,15 @@ fn metrics(state: &State) -> Response<Full<Bytes>> {
         state.forward.retries(),
     );
 
+    let _ = write!(
+        out,
+        "# HELP mcpage_pending_invalidations Tags, URLs and prefixes memcached has not confirmed yet (retried).\n\
+         # TYPE mcpage_pending_invalidations gauge\nmcpage_pending_invalidations {}\n\
+         # HELP mcpage_oldest_pending_invalidation_seconds Age of the oldest pending invalidation (0 when none).\n\
+         # TYPE mcpage_oldest_pending_invalidation_seconds gauge\nmcpage_oldest_pending_invalidation_seconds {:.3}\n",
+        stats.pending.count,
+        stats.pending.oldest.unwrap_or_default().as_secs_f64(),
+    );
     out.push_str(
         "# HELP mcpage_bypass_total Requests not cached, by reason.\n\
          # TYPE mcpage_bypass_total counter\n",

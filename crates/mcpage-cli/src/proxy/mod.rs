@@ -9,7 +9,9 @@
 //! streamed both ways) wrapped in [`mcpage::PageCacheLayer`]. The admin paths
 //! under `/_mcpage/` ([`admin`]) are answered before the layer and never cached
 //! or forwarded. SIGINT/SIGTERM stop accepting, let in-flight requests finish
-//! (bounded), then wait for background page writes.
+//! (bounded), then wait for background page writes. With `proxy.journal`,
+//! pending invalidations (memcached did not confirm them yet) are kept in
+//! that file and retried after a restart ([`crate::journal`]).
 
 mod admin;
 mod forward;
@@ -40,6 +42,8 @@ use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tower::{Layer as _, ServiceExt as _};
 
 use forward::{Forward, ForwardOptions, Upstream};
+
+use crate::journal::{self, Journal};
 
 /// How long a client may take to send a request head.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -86,6 +90,8 @@ pub(crate) struct State {
     token: Option<admin::Token>,
     /// Varnish-style purges from a loopback client need no token.
     purge_from_loopback: bool,
+    /// `proxy.journal`: pending invalidations across restarts.
+    journal: Option<Journal>,
     upstream_errors: AtomicU64,
 }
 
@@ -134,14 +140,34 @@ pub(crate) async fn run(config: &mcpage::Config, args: Args) -> anyhow::Result<E
                 .collect(),
         },
     );
+    let journal = config.proxy.journal.as_deref().map(Journal::new);
+    if let Some(journal) = &journal {
+        // Before serving: work a previous process left pending is retried now.
+        let pending = journal::read(journal.path())?;
+        if !pending.is_empty() {
+            let count = pending.len();
+            if let Err(error) = cache.invalidator().restore(pending) {
+                tracing::error!(%error, "journal {}", journal.path().display());
+            }
+            tracing::warn!(
+                count,
+                "journal {}: retrying pending invalidations of a previous run",
+                journal.path().display()
+            );
+        }
+    }
     let state = Arc::new(State {
         service: PageCacheLayer::new(cache.clone()).layer(forward.clone()),
         forward,
         token: admin::Token::new(config.proxy.invalidate_token.as_deref()),
         purge_from_loopback: config.proxy.purge_from_loopback,
         cache,
+        journal,
         upstream_errors: AtomicU64::new(0),
     });
+    if state.journal.is_some() {
+        tokio::spawn(keep_journal(Arc::clone(&state)));
+    }
     tracing::info!(
         "mcpage proxy listening on {local}, upstream {upstream_text}, memcached {}{}{}{}",
         servers(&config.memcached.servers),
@@ -203,8 +229,39 @@ pub(crate) async fn run(config: &mcpage::Config, args: Args) -> anyhow::Result<E
             tracing::warn!(signal, "second signal: background page writes dropped");
         }
     }
+    if let Some(journal) = &state.journal {
+        let invalidator = state.cache.invalidator();
+        if let Err(error) = journal.save(&invalidator).await {
+            tracing::error!("{error:#}");
+        }
+        let pending = invalidator.pending().count;
+        if pending > 0 {
+            tracing::warn!(
+                pending,
+                "stopping with pending invalidations: kept in {}",
+                journal.path().display()
+            );
+        }
+    }
     tracing::info!("mcpage proxy stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Rewrite the journal whenever the pending queue changes.
+async fn keep_journal(state: Arc<State>) {
+    let invalidator = state.cache.invalidator();
+    let mut changes = invalidator.pending_changes();
+    let Some(journal) = &state.journal else {
+        return;
+    };
+    loop {
+        if let Err(error) = journal.save(&invalidator).await {
+            tracing::error!("{error:#}");
+        }
+        if changes.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 fn servers(servers: &[mcpage::ServerSpec]) -> String {

@@ -238,23 +238,7 @@ impl Server {
 
 /// The error of a batch that failed as a whole, once per operation.
 fn fail_all<T>(count: usize, error: &Error) -> Vec<Result<T>> {
-    (0..count)
-        .map(|_| {
-            Err(match error {
-                Error::Memcached { server, source } => Error::Memcached {
-                    server: server.clone(),
-                    source: Arc::clone(source),
-                },
-                Error::BreakerOpen { server } => Error::BreakerOpen {
-                    server: server.clone(),
-                },
-                other => Error::Protocol {
-                    server: other.server().unwrap_or_default().to_owned(),
-                    message: other.detail(),
-                },
-            })
-        })
-        .collect()
+    (0..count).map(|_| Err(error.duplicate())).collect()
 }
 
 /// A set of servers and the ring nginx builds over them.
