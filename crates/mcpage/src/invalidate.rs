@@ -36,7 +36,7 @@ use memcache::exp::{Delete, Get, Meta, MutationStatus, Set, Ttl};
 use crate::clock::Clocks;
 use crate::error::{Error, Result};
 use crate::key::{KeyScheme, memcached_unescape};
-use crate::memcached::{Circuit, Pool, text};
+use crate::memcached::{Circuit, Deletion, Pool, quiet_safe, text};
 use crate::stats::Metrics;
 use crate::tags::{self, IndexKeys};
 
@@ -290,12 +290,13 @@ impl Invalidator {
             .collect();
 
         // Forget the records whose pages are confirmed gone, and only those.
-        for (shard, cas, value) in shards {
-            if tags::entries(&value).all(|(page, _)| deleted.confirmed.contains(page)) {
-                self.clear_shard(&shard, value, cas, clock, &mut failures)
-                    .await;
-            }
-        }
+        let done = shards
+            .into_iter()
+            .filter(|(_, _, value)| {
+                tags::entries(value).all(|(page, _)| deleted.confirmed.contains(page))
+            })
+            .collect();
+        self.clear_shards(done, clock, &mut failures).await;
         failures.finish(Removed {
             pages: deleted.removed.len() + recovered,
             by_item,
@@ -451,29 +452,91 @@ impl Invalidator {
         })
     }
 
-    /// Delete page keys on the servers nginx reads them from.
+    /// Delete page keys on the servers nginx reads them from: every server at
+    /// once, one quiet-mode batch each (`md <key> q`, one `mn`: memcached
+    /// answers only what did not succeed); the rare keys the meta client
+    /// would base64-encode go in an ordinary pipelined batch alongside.
     async fn delete_pages(&self, keys: HashSet<Vec<u8>>, failures: &mut Failures) -> Deleted {
-        let keys: Vec<Vec<u8>> = keys.into_iter().collect();
-        let ops = keys
+        let (quiet, plain): (Vec<Vec<u8>>, Vec<Vec<u8>>) =
+            keys.into_iter().partition(|key| quiet_safe(key));
+        let value = |key: &Vec<u8>| memcached_unescape(key).unwrap_or_else(|| key.clone());
+        let quiet_pairs: Vec<(Vec<u8>, &[u8])> = quiet
             .iter()
-            .map(|key| {
-                let value = memcached_unescape(key).unwrap_or_else(|| key.clone());
-                (value, Delete::new(key))
-            })
+            .map(|key| (value(key), key.as_slice()))
             .collect();
+        let plain_ops = plain
+            .iter()
+            .map(|key| (value(key), Delete::new(key)))
+            .collect();
+        let pages = &self.inner.pages;
+        let (quiet_results, plain_results) = futures_util::future::join(
+            pages.delete_quiet_routed(&quiet_pairs),
+            pages.run_routed(Circuit::Ignore, plain_ops),
+        )
+        .await;
         let mut deleted = Deleted::default();
-        for (key, result) in keys
+        let quiet_results = quiet_results
             .into_iter()
-            .zip(self.inner.pages.run_routed(Circuit::Ignore, ops).await)
+            .map(|result| result.map(|gone| gone == Deletion::Deleted));
+        let plain_results = plain_results
+            .into_iter()
+            .map(|result| result.map(|done| done.status == MutationStatus::Applied));
+        for (key, result) in quiet
+            .into_iter()
+            .zip(quiet_results)
+            .chain(plain.into_iter().zip(plain_results))
         {
-            if let Some(result) = failures.check(result) {
-                if result.status == MutationStatus::Applied {
+            if let Some(applied) = failures.check(result) {
+                if applied {
                     deleted.removed.insert(key.clone());
                 }
                 deleted.confirmed.insert(key);
             }
         }
         deleted
+    }
+
+    /// [`clear_shard`](Self::clear_shard) of many shards: the first attempt of
+    /// every shard in one pipelined batch per index server, then the shards
+    /// that changed meanwhile (CAS mismatch) one by one.
+    async fn clear_shards(
+        &self,
+        shards: Vec<(Vec<u8>, u64, Vec<u8>)>,
+        clock: u64,
+        failures: &mut Failures,
+    ) {
+        let ttl = Ttl::secs(self.inner.index_ttl);
+        let (mut emptied, mut kept) = (Vec::new(), Vec::new());
+        let (mut deletes, mut sets) = (Vec::new(), Vec::new());
+        for (position, (shard, cas, value)) in shards.iter().enumerate() {
+            let rest = tags::retain_since(value, clock);
+            if rest.is_empty() {
+                emptied.push(position);
+                deletes.push((shard.clone(), Delete::new(shard).compare_cas(*cas)));
+            } else {
+                kept.push(position);
+                sets.push((shard.clone(), Set::new(shard, rest).ttl(ttl).compare_cas(*cas)));
+            }
+        }
+        let index = &self.inner.index;
+        let (deleted, set) = futures_util::future::join(
+            index.run_routed(Circuit::Ignore, deletes),
+            index.run_routed(Circuit::Ignore, sets),
+        )
+        .await;
+        let mut changed = Vec::new();
+        for (position, result) in emptied.into_iter().zip(deleted).chain(kept.into_iter().zip(set)) {
+            if let Some(result) = failures.check(result)
+                && result.status == MutationStatus::CasMismatch
+            {
+                changed.push(position);
+            }
+        }
+        for position in changed {
+            let (shard, cas, value) = &shards[position];
+            self.clear_shard(shard, value.clone(), *cas, clock, failures)
+                .await;
+        }
     }
 
     /// Drop the records of renders that started before this invalidation

@@ -1,0 +1,113 @@
+//! `invalidate_tags` deletes in the meta protocol's quiet mode (`md <key> q`,
+//! one `mn` per server): on real memcached servers, every page goes, the count
+//! is exact (pages already gone are not counted), keys the client would send
+//! base64-encoded still go, and a server that does not answer makes the
+//! invalidation an error that keeps the index, so that the next one finishes.
+
+use mcpage::{Cache, Config, Error, ServerSpec};
+use mcpage_tests::Memcached;
+
+const TAG: &str = "purge";
+
+fn page_keys(servers: &[&Memcached]) -> Vec<Vec<u8>> {
+    servers
+        .iter()
+        .flat_map(|m| m.keys())
+        .filter(|k| k.starts_with(b"/p/"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_purge_removes_every_page_on_every_server_and_counts_exactly() {
+    let pages = [Memcached::start(), Memcached::start()];
+    let index = Memcached::start_with(&["-M"]);
+    let mut config = Config::default();
+    config.memcached.servers = pages.iter().map(|m| ServerSpec::new(m.address())).collect();
+    config.memcached.index_servers = vec![ServerSpec::new(index.address())];
+    let cache = Cache::connect(&config).await.expect("cache");
+    const COUNT: usize = 3000;
+    for i in 0..COUNT {
+        cache
+            .store_page(&format!("/p/{i}"), format!("page {i}"), [TAG])
+            .await
+            .expect("store");
+    }
+    // A key with 0x7F: the meta client sends it base64-encoded, so it goes
+    // through the ordinary pipelined delete beside the quiet batches.
+    cache
+        .store_page("/p/x%7F", "odd key", [TAG])
+        .await
+        .expect("store");
+    let both = [&pages[0], &pages[1]];
+    assert_eq!(page_keys(&both).len(), COUNT + 1);
+    assert!(
+        pages.iter().all(|m| m.keys().len() > COUNT / 4),
+        "the pages are spread over both servers"
+    );
+    // Ten pages are already gone (evicted, expired): memcached answers `NF`
+    // for them even in quiet mode; they are not counted as removed.
+    for i in 0..10 {
+        let key = format!("/p/{i}");
+        assert!(pages.iter().any(|m| m.delete_raw(key.as_bytes())));
+    }
+
+    let removed = cache
+        .invalidator()
+        .invalidate_tags([TAG])
+        .await
+        .expect("invalidate");
+    assert_eq!(removed.pages, COUNT + 1 - 10, "{removed:?}");
+    assert_eq!(removed.count_for(TAG), COUNT + 1 - 10);
+    assert!(page_keys(&both).is_empty(), "no page left");
+
+    // The index was cleared: nothing is listed any more.
+    let again = cache
+        .invalidator()
+        .invalidate_tags([TAG])
+        .await
+        .expect("invalidate");
+    assert_eq!(again.pages, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_does_not_confirm_makes_the_purge_an_error_and_the_next_one_finishes() {
+    let pages = [Memcached::start(), Memcached::start()];
+    let index = Memcached::start_with(&["-M"]);
+    let mut config = Config::default();
+    config.memcached.servers = pages.iter().map(|m| ServerSpec::new(m.address())).collect();
+    config.memcached.index_servers = vec![ServerSpec::new(index.address())];
+    config.memcached.timeout_ms = 200;
+    let cache = Cache::connect(&config).await.expect("cache");
+    const COUNT: usize = 400;
+    for i in 0..COUNT {
+        cache
+            .store_page(&format!("/p/{i}"), format!("page {i}"), [TAG])
+            .await
+            .expect("store");
+    }
+    let on_second = page_keys(&[&pages[1]]).len();
+    assert!(on_second > 0 && on_second < COUNT);
+
+    pages[1].pause();
+    let result = cache.invalidator().invalidate_tags([TAG]).await;
+    pages[1].resume();
+    match result {
+        Err(Error::Incomplete {
+            attempted, failed, ..
+        }) => {
+            assert!(failed >= on_second, "every unconfirmed delete is reported");
+            assert!(attempted > failed);
+        }
+        other => panic!("a paused server must make the purge an error: {other:?}"),
+    }
+    // The other server's pages are gone; the paused one's may or may not be
+    // (its deletes may run once it resumes), but their index records were kept.
+    assert!(page_keys(&[&pages[0]]).is_empty());
+    let removed = cache
+        .invalidator()
+        .invalidate_tags([TAG])
+        .await
+        .expect("the retry is confirmed");
+    assert!(removed.pages <= on_second, "{removed:?}");
+    assert!(page_keys(&[&pages[0], &pages[1]]).is_empty(), "no page left");
+}
