@@ -17,21 +17,29 @@ fn page_keys(servers: &[&Memcached]) -> Vec<Vec<u8>> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_quiet_purge_removes_every_page_on_every_server_and_counts_exactly() {
+/// Two page servers and an index server (`-M`), `count` pages stored under
+/// [`TAG`] as `/p/<n>`.
+async fn stored(count: usize, timeout_ms: u64) -> ([Memcached; 2], Memcached, Cache) {
     let pages = [Memcached::start(), Memcached::start()];
     let index = Memcached::start_with(&["-M"]);
     let mut config = Config::default();
     config.memcached.servers = pages.iter().map(|m| ServerSpec::new(m.address())).collect();
     config.memcached.index_servers = vec![ServerSpec::new(index.address())];
+    config.memcached.timeout_ms = timeout_ms;
     let cache = Cache::connect(&config).await.expect("cache");
-    const COUNT: usize = 3000;
-    for i in 0..COUNT {
+    for i in 0..count {
         cache
             .store_page(&format!("/p/{i}"), format!("page {i}"), [TAG])
             .await
             .expect("store");
     }
+    (pages, index, cache)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_purge_removes_every_page_on_every_server_and_counts_exactly() {
+    const COUNT: usize = 3000;
+    let (pages, _index, cache) = stored(COUNT, 1000).await;
     // A key with 0x7F: the meta client sends it base64-encoded, so it goes
     // through the ordinary pipelined delete beside the quiet batches.
     cache
@@ -71,20 +79,8 @@ async fn a_quiet_purge_removes_every_page_on_every_server_and_counts_exactly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_does_not_confirm_makes_the_purge_an_error_and_the_next_one_finishes() {
-    let pages = [Memcached::start(), Memcached::start()];
-    let index = Memcached::start_with(&["-M"]);
-    let mut config = Config::default();
-    config.memcached.servers = pages.iter().map(|m| ServerSpec::new(m.address())).collect();
-    config.memcached.index_servers = vec![ServerSpec::new(index.address())];
-    config.memcached.timeout_ms = 200;
-    let cache = Cache::connect(&config).await.expect("cache");
     const COUNT: usize = 400;
-    for i in 0..COUNT {
-        cache
-            .store_page(&format!("/p/{i}"), format!("page {i}"), [TAG])
-            .await
-            .expect("store");
-    }
+    let (pages, _index, cache) = stored(COUNT, 200).await;
     // A first invalidation stores the index server's boot marker on one page
     // server; pause the other one, so that the invalidation gets as far as
     // the deletes.
@@ -122,5 +118,8 @@ async fn a_server_that_does_not_confirm_makes_the_purge_an_error_and_the_next_on
         .await
         .expect("the retry is confirmed");
     assert!(removed.pages <= on_paused, "{removed:?}");
-    assert!(page_keys(&[&pages[0], &pages[1]]).is_empty(), "no page left");
+    assert!(
+        page_keys(&[&pages[0], &pages[1]]).is_empty(),
+        "no page left"
+    );
 }

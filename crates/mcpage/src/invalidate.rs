@@ -515,7 +515,10 @@ impl Invalidator {
                 deletes.push((shard.clone(), Delete::new(shard).compare_cas(*cas)));
             } else {
                 kept.push(position);
-                sets.push((shard.clone(), Set::new(shard, rest).ttl(ttl).compare_cas(*cas)));
+                sets.push((
+                    shard.clone(),
+                    Set::new(shard, rest).ttl(ttl).compare_cas(*cas),
+                ));
             }
         }
         let index = &self.inner.index;
@@ -525,7 +528,11 @@ impl Invalidator {
         )
         .await;
         let mut changed = Vec::new();
-        for (position, result) in emptied.into_iter().zip(deleted).chain(kept.into_iter().zip(set)) {
+        for (position, result) in emptied
+            .into_iter()
+            .zip(deleted)
+            .chain(kept.into_iter().zip(set))
+        {
             if let Some(result) = failures.check(result)
                 && result.status == MutationStatus::CasMismatch
             {

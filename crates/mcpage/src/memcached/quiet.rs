@@ -66,9 +66,7 @@ impl Server {
         let deadline = self.timeout + Duration::from_millis(keys.len() as u64 / 100);
         let outcome = tokio::time::timeout(deadline, self.quiet_exchange(&payload, &mut answers))
             .await
-            .unwrap_or_else(|_| {
-                Err(self.error(memcache::exp::Error::Timeout { key: Vec::new() }))
-            });
+            .unwrap_or_else(|_| Err(self.error(memcache::exp::Error::Timeout { key: Vec::new() })));
         let unconfirmed = match outcome {
             Ok(None) => None,
             Ok(Some(line)) => {
@@ -156,8 +154,11 @@ impl Pool {
         &self,
         pairs: &[(Vec<u8>, &[u8])],
     ) -> Vec<Result<Deletion>> {
-        let mut groups: Vec<(Vec<usize>, Vec<&[u8]>)> =
-            self.servers.iter().map(|_| (Vec::new(), Vec::new())).collect();
+        let mut groups: Vec<(Vec<usize>, Vec<&[u8]>)> = self
+            .servers
+            .iter()
+            .map(|_| (Vec::new(), Vec::new()))
+            .collect();
         for (position, (value, key)) in pairs.iter().enumerate() {
             let group = &mut groups[self.ring.pick(value)];
             group.0.push(position);
