@@ -46,7 +46,7 @@ use super::Target;
 use crate::clock::Clocks;
 use crate::error::{Error, Result};
 use crate::key::{KeyScheme, memcached_unescape};
-use crate::memcached::{Circuit, Pool, text};
+use crate::memcached::{Circuit, Deletion, Pool, quiet_safe, text};
 use crate::tags::{self, IndexKeys};
 
 /// Index shards read (and their pages deleted, their records cleared) at once.
@@ -373,18 +373,40 @@ impl Runner {
                 .iter()
                 .filter(|key| !deleted.confirmed.contains(*key))
                 .collect();
-            let ops = todo
+            // Every server at once, one quiet-mode batch each (`md <key> q`,
+            // one `mn`: memcached answers only what did not succeed); the rare
+            // keys the meta client would base64-encode go in an ordinary
+            // pipelined batch alongside.
+            let (quiet, plain): (Vec<&Vec<u8>>, Vec<&Vec<u8>>) =
+                todo.into_iter().partition(|key| quiet_safe(key));
+            let value = |key: &Vec<u8>| memcached_unescape(key).unwrap_or_else(|| key.clone());
+            let quiet_pairs: Vec<(Vec<u8>, &[u8])> = quiet
                 .iter()
-                .map(|key| {
-                    let value = memcached_unescape(key).unwrap_or_else(|| (*key).clone());
-                    (value, Delete::new(key))
-                })
+                .map(|key| (value(key), key.as_slice()))
                 .collect();
-            let results = self.pages.run_routed(Circuit::Ignore, ops).await;
-            for (key, result) in todo.into_iter().zip(results) {
+            let plain_ops = plain
+                .iter()
+                .map(|key| (value(key), Delete::new(key)))
+                .collect();
+            let (quiet_results, plain_results) = futures_util::future::join(
+                self.pages.delete_quiet_routed(&quiet_pairs),
+                self.pages.run_routed(Circuit::Ignore, plain_ops),
+            )
+            .await;
+            let quiet_results = quiet_results
+                .into_iter()
+                .map(|result| result.map(|gone| gone == Deletion::Deleted));
+            let plain_results = plain_results
+                .into_iter()
+                .map(|result| result.map(|done| done.status == MutationStatus::Applied));
+            for (key, result) in quiet
+                .into_iter()
+                .zip(quiet_results)
+                .chain(plain.into_iter().zip(plain_results))
+            {
                 match result {
-                    Ok(result) => {
-                        if result.status == MutationStatus::Applied {
+                    Ok(applied) => {
+                        if applied {
                             deleted.removed.insert(key.clone());
                         }
                         deleted.confirmed.insert(key.clone());

@@ -17,11 +17,13 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 mod breaker;
+mod quiet;
 pub(crate) mod text;
 
 use std::sync::Arc;
 
 use breaker::Breaker;
+pub(crate) use quiet::{Deletion, quiet_safe};
 
 use crate::config::{MemcachedConfig, ServerSpec};
 use crate::error::{Error, Result};
