@@ -447,7 +447,7 @@ pub(crate) struct Compiled {
     /// `cache.targeted_fields`, in precedence order.
     pub(crate) targeted_fields: Vec<http::HeaderName>,
     /// The Content-Type nginx sends on a hit.
-    pub(crate) hit_types: crate::nginx::HitTypes,
+    pub(crate) hit_types: crate::hit::HitTypes,
     /// `nginx.add_headers`.
     pub(crate) add_headers: Vec<(http::HeaderName, http::HeaderValue)>,
     /// `CHECKED_HEADERS` and the names in `nginx.add_headers`.
@@ -698,7 +698,7 @@ impl Config {
             .enumerate()
             .map(|(i, (name, value))| check_add_header(i, name, value))
             .collect::<Result<Vec<_>>>()?;
-        let mut checked_headers: Vec<http::HeaderName> = crate::policy::CHECKED_HEADERS
+        let mut checked_headers: Vec<http::HeaderName> = crate::hit::CHECKED_HEADERS
             .iter()
             .map(|name| http::HeaderName::from_static(name))
             .collect();
@@ -709,7 +709,7 @@ impl Config {
         }
         Ok(Compiled {
             targeted_fields,
-            hit_types: crate::nginx::HitTypes::new(self),
+            hit_types: crate::hit::HitTypes::new(&self.cache.content_types, &self.nginx.charset),
             add_headers,
             checked_headers,
             include: compile_regexes("cache.include", &self.cache.include)?,

@@ -51,6 +51,7 @@ mod cache;
 mod clock;
 mod config;
 mod error;
+mod hit;
 mod invalidate;
 pub mod key;
 mod layer;
@@ -77,7 +78,8 @@ pub use config::{
     ServerSpec, TagHeader, TagSeparator,
 };
 pub use error::{Error, Result};
-pub use invalidate::{Invalidator, Pending, PendingItem, Removed, RemovedItem, Target};
+pub use hit::CHECKED_HEADERS;
+pub use invalidate::{Invalidator, PendingItem, Removed, RemovedItem, Target};
 pub use layer::{CacheTags, PageBody, PageCache, PageCacheLayer, SkipCache};
-pub use policy::{Bypass, CHECKED_HEADERS, UNKEYED_HEADERS};
-pub use stats::{BypassCount, CacheStats, IndexUsage, ServerReport, ServerStats};
+pub use policy::{Bypass, UNKEYED_HEADERS};
+pub use stats::{BypassCount, CacheStats, IndexUsage, Pending, ServerReport, ServerStats};

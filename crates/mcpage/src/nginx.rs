@@ -59,6 +59,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::config::Config;
+use crate::hit::{HIT_TYPES, HitTypes};
 use crate::key::{MAX_KEY_LEN, QueryMode};
 use crate::ring::Hashing;
 
@@ -136,118 +137,6 @@ pub fn render_nginx_full(config: &Config, prefix_dir: &Path) -> String {
     let _ = writeln!(out, "\n    access_log {} mcpage;", path("access.log"));
     out.push_str("}\n");
     out
-}
-
-/// The types a hit gets from its URI's extension. Rendered as a `types`
-/// block inside the memcached location (so a site's own `mime.types` cannot
-/// change what a hit carries) and at the top of [`render_nginx_full`]; the
-/// layer stores a page only when its `Content-Type` is the one nginx will send.
-pub(crate) const HIT_TYPES: &[(&str, &[&str])] = &[
-    ("text/html", &["html", "htm", "shtml"]),
-    ("text/css", &["css"]),
-    ("text/xml", &["xml"]),
-    ("text/plain", &["txt"]),
-    ("application/javascript", &["js", "mjs"]),
-    ("application/json", &["json"]),
-    ("application/rss+xml", &["rss"]),
-    ("application/atom+xml", &["atom"]),
-    ("application/pdf", &["pdf"]),
-    ("image/svg+xml", &["svg", "svgz"]),
-    ("image/png", &["png"]),
-    ("image/jpeg", &["jpeg", "jpg"]),
-    ("image/gif", &["gif"]),
-    ("image/webp", &["webp"]),
-    ("image/x-icon", &["ico"]),
-    ("font/woff", &["woff"]),
-    ("font/woff2", &["woff2"]),
-];
-
-/// nginx's `charset_types` when none is configured (`ngx_http_charset_filter_module`).
-const DEFAULT_CHARSET_TYPES: [&str; 6] = [
-    "text/html",
-    "text/xml",
-    "text/plain",
-    "text/vnd.wap.wml",
-    "application/javascript",
-    "application/rss+xml",
-];
-
-/// The `Content-Type` nginx sends on a hit, as rendered from a [`Config`]:
-/// the type of the URI's extension ([`HIT_TYPES`]) or `default_type` (the
-/// first of `cache.content_types`), with `; charset=<nginx.charset>` when
-/// that type is one of `charset_types`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct HitTypes {
-    default_type: String,
-    charset: Option<String>,
-    /// The rendered `charset_types` (text/html is implied by nginx).
-    rendered_charset_types: Vec<String>,
-}
-
-impl HitTypes {
-    pub(crate) fn new(config: &Config) -> HitTypes {
-        let mut content_types: Vec<String> = Vec::new();
-        for media_type in &config.cache.content_types {
-            let media_type = media_type
-                .split(';')
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_ascii_lowercase();
-            if !media_type.is_empty() && !content_types.contains(&media_type) {
-                content_types.push(media_type);
-            }
-        }
-        let default_type = content_types
-            .first()
-            .map_or_else(|| "text/html".to_owned(), Clone::clone);
-        // nginx always adds `charset` to text/html (naming it again is a warning).
-        let rendered_charset_types = content_types
-            .into_iter()
-            .filter(|t| t != "text/html")
-            .collect();
-        let charset = (!config.nginx.charset.eq_ignore_ascii_case("off"))
-            .then(|| config.nginx.charset.to_ascii_lowercase());
-        HitTypes {
-            default_type,
-            charset,
-            rendered_charset_types,
-        }
-    }
-
-    /// Type and charset of a hit for the normalized `$uri`.
-    pub(crate) fn content_type_for(&self, uri: &[u8]) -> (&str, Option<&str>) {
-        let media_type = extension(uri)
-            .and_then(|ext| {
-                HIT_TYPES
-                    .iter()
-                    .find(|(_, exts)| exts.iter().any(|e| e.as_bytes().eq_ignore_ascii_case(ext)))
-            })
-            .map_or(self.default_type.as_str(), |(t, _)| t);
-        let charset_applies = media_type == "text/html"
-            || if self.rendered_charset_types.is_empty() {
-                DEFAULT_CHARSET_TYPES.contains(&media_type)
-            } else {
-                self.rendered_charset_types.iter().any(|t| t == media_type)
-            };
-        (
-            media_type,
-            self.charset.as_deref().filter(|_| charset_applies),
-        )
-    }
-}
-
-/// nginx's `r->exten` (`ngx_http_set_exten`): after the last `.` of the last
-/// segment, unless that dot starts the segment; bytes 0 and 1 are never looked at.
-fn extension(uri: &[u8]) -> Option<&[u8]> {
-    for i in (2..uri.len()).rev() {
-        match uri[i] {
-            b'.' if uri[i - 1] != b'/' => return Some(&uri[i + 1..]),
-            b'/' => return None,
-            _ => {}
-        }
-    }
-    None
 }
 
 /// A `types { ... }` block at `indent`.
@@ -430,9 +319,9 @@ fn render_server(out: &mut String, config: &Config) {
         out.push_str("geo $mcpage_dollar {\n    default \"$\";\n}\n\n");
     }
 
-    let hit_types = HitTypes::new(config);
+    let hit_types = HitTypes::new(&config.cache.content_types, &config.nginx.charset);
     let charset_types: Vec<String> = hit_types
-        .rendered_charset_types
+        .rendered_charset_types()
         .iter()
         .map(|t| quote(t))
         .collect();
@@ -488,7 +377,7 @@ fn render_server(out: &mut String, config: &Config) {
     let _ = writeln!(
         out,
         "        default_type {};",
-        quote(&hit_types.default_type)
+        quote(hit_types.default_type())
     );
     let _ = writeln!(out, "        charset {};", quote(&config.nginx.charset));
     if !charset_types.is_empty() {

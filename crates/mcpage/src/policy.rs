@@ -86,33 +86,12 @@ pub enum Bypass {
     /// `default_type`, plus `charset` for `charset_types`) differs from the
     /// response's, type or charset.
     ContentTypeDiffers,
-    /// A security-relevant header ([`CHECKED_HEADERS`] or a name in
+    /// A security-relevant header ([`CHECKED_HEADERS`](crate::CHECKED_HEADERS) or a name in
     /// `nginx.add_headers`) differs from what nginx sends on a hit: the
     /// response lacks a configured one, carries another value, or carries one
     /// that nginx would drop.
     HeaderDiffers,
 }
-
-/// Response headers that change how a browser treats the page. A hit carries
-/// none of the app's headers, only `nginx.add_headers`: a response is stored
-/// only when its values of these (and of every name in `nginx.add_headers`)
-/// are exactly the configured ones ([`Bypass::HeaderDiffers`]).
-pub const CHECKED_HEADERS: [&str; 14] = [
-    "content-security-policy",
-    "content-security-policy-report-only",
-    "x-frame-options",
-    "strict-transport-security",
-    "referrer-policy",
-    "x-content-type-options",
-    "permissions-policy",
-    "cross-origin-opener-policy",
-    "cross-origin-embedder-policy",
-    "cross-origin-resource-policy",
-    "content-disposition",
-    "x-xss-protection",
-    "x-permitted-cross-domain-policies",
-    "clear-site-data",
-];
 
 /// Request headers that are not part of the key but that frameworks honour to
 /// change the page: the host or scheme used for absolute links, the path

@@ -3,10 +3,11 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use std::time::Duration;
+
 use strum::{EnumCount, IntoEnumIterator};
 
 use crate::error::Result;
-use crate::invalidate::Pending;
 use crate::policy::Bypass;
 
 /// Counters since start, shared by the layer, the write path and the invalidator.
@@ -141,4 +142,18 @@ pub struct ServerReport<T> {
     pub server: String,
     /// Its answer, or why there is none.
     pub result: Result<T>,
+}
+
+/// What waits to be retried ([`Invalidator::pending`](crate::Invalidator::pending)).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Pending {
+    /// Tags, URLs and prefixes waiting.
+    pub count: usize,
+    /// How long the oldest has waited.
+    pub oldest: Option<Duration>,
+    /// Failed retries in a row.
+    pub attempts: u32,
+    /// The last failure, while anything is pending.
+    pub last_error: Option<String>,
 }

@@ -52,7 +52,7 @@ use crate::config::InvalidationConfig;
 use crate::error::{Error, Result};
 use crate::key::KeyScheme;
 use crate::memcached::Pool;
-use crate::stats::Metrics;
+use crate::stats::{Metrics, Pending};
 use crate::tags::IndexKeys;
 use run::{Outcome, Runner};
 
@@ -158,20 +158,6 @@ impl PendingItem {
             since_unix_ms,
         }
     }
-}
-
-/// What waits to be retried ([`Invalidator::pending`]).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Pending {
-    /// Tags, URLs and prefixes waiting.
-    pub count: usize,
-    /// How long the oldest has waited.
-    pub oldest: Option<Duration>,
-    /// Failed retries in a row.
-    pub attempts: u32,
-    /// The last failure, while anything is pending.
-    pub last_error: Option<String>,
 }
 
 /// What an invalidation removed.
