@@ -31,6 +31,9 @@ use crate::error::{Error, Result};
 /// connections at once (memcached's default is four worker threads).
 const QUIET_CHUNK: usize = 2_500;
 
+/// Positions in the caller's list, their keys, and the server they go to.
+type Chunk<'a> = (&'a [usize], &'a [&'a [u8]], &'a Server);
+
 /// What memcached said about one key of a quiet delete batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Deletion {
@@ -167,7 +170,7 @@ impl Pool {
         // A big batch is split over a few connections: memcached gives each
         // connection to one of its worker threads, so the chunks are deleted
         // in parallel.
-        let chunks: Vec<(&[usize], &[&[u8]], &Server)> = groups
+        let chunks: Vec<Chunk<'_>> = groups
             .iter()
             .zip(&self.servers)
             .flat_map(|((positions, keys), server)| {
