@@ -281,6 +281,11 @@ async fn wait_for_metric(proxy: &Proxy, name: &str, what: &str, wanted: impl Fn(
     .await;
 }
 
+async fn wait_for_nothing_pending(proxy: &Proxy) {
+    let what = "no invalidation pending";
+    wait_for_metric(proxy, "mcpage_pending_invalidations", what, |v| v == 0.0).await;
+}
+
 const PAGES: usize = 30;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -305,13 +310,7 @@ async fn a_paused_server_leaves_the_invalidation_pending_until_the_proxy_confirm
     setup.pages[paused].resume();
 
     // Nobody calls again: the proxy's retries finish the work.
-    wait_for_metric(
-        &proxy,
-        "mcpage_pending_invalidations",
-        "no invalidation pending",
-        |v| v == 0.0,
-    )
-    .await;
+    wait_for_nothing_pending(&proxy).await;
     let left = setup.left(PAGES);
     let retries = proxy.metric("mcpage_invalidation_retries_total").await;
     println!(
@@ -401,13 +400,7 @@ async fn a_proxy_killed_with_work_pending_finishes_it_after_a_restart() {
     );
 
     let proxy = setup.proxy().await;
-    wait_for_metric(
-        &proxy,
-        "mcpage_pending_invalidations",
-        "no invalidation pending",
-        |v| v == 0.0,
-    )
-    .await;
+    wait_for_nothing_pending(&proxy).await;
     let left = setup.left(PAGES);
     println!(
         "restart: proxy killed (SIGKILL) with 2 invalidations pending; after the restart the \

@@ -525,23 +525,14 @@ impl Config {
                 "must be 1..=10000",
             ));
         }
-        if inv.retry_min_ms == 0 {
-            return Err(Error::config(
-                "invalidation.retry_min_ms",
-                "must be at least 1",
-            ));
-        }
-        if inv.pending_limit == 0 {
-            return Err(Error::config(
-                "invalidation.pending_limit",
-                "must be at least 1",
-            ));
-        }
-        if inv.max_waiting == 0 {
-            return Err(Error::config(
-                "invalidation.max_waiting",
-                "must be at least 1",
-            ));
+        for (field, value) in [
+            ("invalidation.retry_min_ms", inv.retry_min_ms),
+            ("invalidation.pending_limit", inv.pending_limit as u64),
+            ("invalidation.max_waiting", inv.max_waiting as u64),
+        ] {
+            if value == 0 {
+                return Err(Error::config(field, "must be at least 1"));
+            }
         }
         if self.proxy.upstream_timeout_ms == 0 {
             return Err(Error::config(

@@ -509,8 +509,22 @@ fn answer_for(answer: &Answer, targets: &BTreeSet<Target>, limit: usize) -> Resu
     }
 }
 
+/// Marks the combiner idle if the task driving it ends without doing so
+/// (a panic): the next call starts a new one instead of waiting forever.
+struct Idle(Arc<Inner>);
+
+impl Drop for Idle {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let mut state = self.0.state.lock().unwrap_or_else(PoisonError::into_inner);
+            state.running = false;
+        }
+    }
+}
+
 /// The task that runs batches one after another while calls keep coming.
 async fn drive(inner: Arc<Inner>) {
+    let _idle = Idle(Arc::clone(&inner));
     loop {
         let batch = {
             let mut state = inner.state.lock().unwrap_or_else(PoisonError::into_inner);
