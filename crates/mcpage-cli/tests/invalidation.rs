@@ -13,6 +13,8 @@
 //!   `MCPAGE_BURST_PAGES`, 20,000 in `scripts/stress`): every call succeeds or
 //!   is told to retry, memcached receives deletes within 3x the pages, and the
 //!   proxy's peak resident memory is printed and bounded.
+//! - More callers than `invalidation.max_waiting`: refused at once with `429`
+//!   and `Retry-After`.
 //!
 //! Every wait polls with a deadline; nothing sleeps a fixed time.
 
@@ -480,4 +482,49 @@ async fn a_burst_of_invalidations_is_combined_and_bounded() {
         "{deleted} deletes for {pages} pages"
     );
     assert!(rss_mib < 100.0, "proxy peak RSS {rss_mib:.1} MiB");
+}
+
+/// `invalidation.max_waiting = 1` and the index server paused, so a run cannot
+/// finish: one run in flight holds one caller, one caller may wait for the
+/// next run, and the third of three concurrent calls is refused at once with
+/// `429` and `Retry-After` (whatever order they arrive in). After SIGCONT the
+/// others complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_beyond_max_waiting_are_told_to_retry() {
+    let setup = Setup::new(1, |c| {
+        c.invalidation.max_waiting = 1;
+        c.memcached.timeout_ms = 10_000;
+    });
+    setup.seed(3).await;
+    let proxy = Arc::new(setup.proxy().await);
+    setup.index.pause();
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..3 {
+        let proxy = Arc::clone(&proxy);
+        calls.spawn(async move { proxy.invalidate(&json!({"tags": [TAG]})).await });
+    }
+    // Only a refusal can answer while the index server is paused.
+    let first = calls
+        .join_next()
+        .await
+        .expect("a call")
+        .expect("caller task");
+    assert_eq!(first.status, 429, "{}", first.text());
+    assert!(first.header("retry-after").is_some(), "{first:?}");
+    setup.index.resume();
+    let mut statuses = vec![first.status.as_u16()];
+    while let Some(done) = calls.join_next().await {
+        statuses.push(done.expect("caller task").status.as_u16());
+    }
+    statuses.sort_unstable();
+    assert!(statuses.contains(&200), "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+    assert_eq!(setup.left(3), 0);
+    println!(
+        "refused: max_waiting = 1, 3 concurrent calls while a run waits on a paused index server: \
+         answers {statuses:?} (429 with Retry-After at once; the rest after SIGCONT)"
+    );
 }
