@@ -119,6 +119,15 @@ pub const UNKEYED_HEADERS: [&str; 15] = [
     "front-end-https",
 ];
 
+/// [`UNKEYED_HEADERS`] parsed once (a `&str` lookup parses the name each time).
+static UNKEYED_HEADER_NAMES: std::sync::LazyLock<Vec<http::HeaderName>> =
+    std::sync::LazyLock::new(|| {
+        UNKEYED_HEADERS
+            .iter()
+            .map(|name| http::HeaderName::from_static(name))
+            .collect()
+    });
+
 impl Bypass {
     /// A short stable name (`session`, `set_cookie`, ...).
     pub fn reason(self) -> &'static str {
@@ -159,9 +168,9 @@ pub(crate) fn check_request(
     if has_session_cookie(&compiled.session_cookies, headers) {
         return Err(Bypass::Session);
     }
-    if UNKEYED_HEADERS
+    if UNKEYED_HEADER_NAMES
         .iter()
-        .any(|name| headers.get(*name).is_some_and(|v| !v.is_empty()))
+        .any(|name| headers.get(name).is_some_and(|v| !v.is_empty()))
     {
         return Err(Bypass::UnkeyedHeader);
     }

@@ -2,8 +2,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::SystemTime;
 
@@ -27,6 +27,7 @@ static MISS: HeaderValue = HeaderValue::from_static("MISS");
 static BYPASS: HeaderValue = HeaderValue::from_static("BYPASS");
 static STORED: HeaderValue = HeaderValue::from_static("mcpage; fwd=uri-miss; stored");
 static COLLAPSED: HeaderValue = HeaderValue::from_static("mcpage; fwd=uri-miss; collapsed");
+static UNSTORED: HeaderValue = HeaderValue::from_static("mcpage; fwd=uri-miss");
 
 /// With gzip on, bodies up to this many times `max_body_bytes` are buffered
 /// in the hope they compress below the limit.
@@ -119,33 +120,32 @@ fn mark<B>(response: &mut Response<B>, outcome: Outcome) {
     set_status(response.headers_mut(), outcome);
 }
 
+/// `Cache-Status` values per [`Bypass`] reason, built once: the bypass path
+/// (logged-in users) must not allocate for a header.
+fn status_values(fwd: &str) -> Vec<HeaderValue> {
+    use strum::IntoEnumIterator;
+    Bypass::iter()
+        .map(|reason| {
+            HeaderValue::from_str(&format!("mcpage; fwd={fwd}; detail={}", reason.reason()))
+                .unwrap_or_else(|_| HeaderValue::from_static("mcpage"))
+        })
+        .collect()
+}
+
+static BYPASSED: LazyLock<Vec<HeaderValue>> = LazyLock::new(|| status_values("bypass"));
+static NOT_STORED: LazyLock<Vec<HeaderValue>> = LazyLock::new(|| status_values("uri-miss"));
+
 fn set_status(headers: &mut HeaderMap, outcome: Outcome) {
     let (x_cache, status) = match outcome {
-        Outcome::Bypass(reason) => (
-            &BYPASS,
-            HeaderValue::from_maybe_shared(Bytes::from(format!(
-                "mcpage; fwd=bypass; detail={}",
-                reason.reason()
-            ))),
-        ),
-        Outcome::NotStored(Some(reason)) => (
-            &BYPASS,
-            HeaderValue::from_maybe_shared(Bytes::from(format!(
-                "mcpage; fwd=uri-miss; detail={}",
-                reason.reason()
-            ))),
-        ),
-        Outcome::NotStored(None) => (
-            &BYPASS,
-            Ok(HeaderValue::from_static("mcpage; fwd=uri-miss")),
-        ),
-        Outcome::Stored => (&MISS, Ok(STORED.clone())),
-        Outcome::Collapsed => (&MISS, Ok(COLLAPSED.clone())),
+        Outcome::Bypass(reason) => (&BYPASS, BYPASSED.get(reason as usize)),
+        Outcome::NotStored(Some(reason)) => (&BYPASS, NOT_STORED.get(reason as usize)),
+        Outcome::NotStored(None) => (&BYPASS, Some(&UNSTORED)),
+        Outcome::Stored => (&MISS, Some(&STORED)),
+        Outcome::Collapsed => (&MISS, Some(&COLLAPSED)),
     };
     headers.insert(X_CACHE.clone(), x_cache.clone());
-    // Reasons are snake_case ASCII: the value is always valid.
-    if let Ok(status) = status {
-        headers.insert(CACHE_STATUS.clone(), status);
+    if let Some(status) = status {
+        headers.insert(CACHE_STATUS.clone(), status.clone());
     }
 }
 
