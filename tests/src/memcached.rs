@@ -4,6 +4,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -16,16 +18,50 @@ use crate::process::{POLL, START_DEADLINE, free_port, is_root, signal, spawn_err
 /// How long one memcached exchange may take.
 const MEMCACHED_IO_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A `memcached` process on a free loopback port, killed on drop.
+/// A `memcached` process on a free loopback port (or a unix socket), killed on drop.
 ///
-/// Runs `memcached -l 127.0.0.1 -p PORT -U 0 -m 64 -t 1` plus the extra
-/// arguments (and `-u root` when the tests run as root).
+/// Runs `memcached -l 127.0.0.1 -p PORT -U 0 -m 64 -t 1` (or, on a socket,
+/// `-s PATH -a 0777` instead of `-l`/`-p`: memcached then opens no TCP port)
+/// plus the extra arguments (and `-u root` when the tests run as root).
 pub struct Memcached {
     /// Behind a lock so that a shared reference can stop or restart it.
     child: Mutex<Option<Child>>,
     port: u16,
+    /// The unix socket, instead of the port.
+    socket: Option<PathBuf>,
     args: Vec<String>,
     dir: TempDir,
+}
+
+/// A connection to the test memcached, TCP or unix.
+enum Conn {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.read(buf),
+            Conn::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.write(buf),
+            Conn::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.flush(),
+            Conn::Unix(s) => s.flush(),
+        }
+    }
 }
 
 impl Memcached {
@@ -39,6 +75,7 @@ impl Memcached {
         let mut memcached = Memcached {
             child: Mutex::new(None),
             port: 0,
+            socket: None,
             args: args.iter().map(|a| (*a).to_owned()).collect(),
             dir: temp_dir("memcached"),
         };
@@ -54,23 +91,40 @@ impl Memcached {
         panic!("memcached did not start: {last_error}");
     }
 
+    /// Start on a unix socket in its own temp directory (`memcached.sock`),
+    /// readable and writable by everyone (`-a 0777`): nginx's workers run as
+    /// `nobody` when the tests run as root.
+    pub fn start_unix(args: &[&str]) -> Memcached {
+        let dir = temp_dir("memcached");
+        let memcached = Memcached {
+            child: Mutex::new(None),
+            port: 0,
+            socket: Some(dir.path().join("memcached.sock")),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            dir,
+        };
+        if let Err(e) = memcached.spawn() {
+            panic!("memcached did not start: {e:#}");
+        }
+        memcached
+    }
+
     fn spawn(&self) -> anyhow::Result<()> {
         let log_path = self.dir.path().join("memcached.log");
         let log = std::fs::File::create(&log_path).context("create memcached.log")?;
         let mut command = Command::new("memcached");
+        match &self.socket {
+            Some(path) => {
+                // A stale socket file from a killed instance makes bind fail.
+                let _ = std::fs::remove_file(path);
+                command.arg("-s").arg(path).args(["-a", "0777"]);
+            }
+            None => {
+                command.args(["-l", "127.0.0.1", "-p", &self.port.to_string()]);
+            }
+        }
         command
-            .args([
-                "-l",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "0",
-                "-m",
-                "64",
-                "-t",
-                "1",
-            ])
+            .args(["-U", "0", "-m", "64", "-t", "1"])
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("dup log")?)
@@ -89,8 +143,8 @@ impl Memcached {
                 *self.child() = None;
                 let log = std::fs::read_to_string(&log_path).unwrap_or_default();
                 bail!(
-                    "memcached exited with {status} on port {}: {log}",
-                    self.port
+                    "memcached exited with {status} on {}: {log}",
+                    self.address()
                 );
             }
             if self.is_responsive(Duration::from_millis(200)) {
@@ -100,8 +154,8 @@ impl Memcached {
                 self.kill();
                 let log = std::fs::read_to_string(&log_path).unwrap_or_default();
                 bail!(
-                    "memcached on port {} not ready after {START_DEADLINE:?}: {log}",
-                    self.port
+                    "memcached on {} not ready after {START_DEADLINE:?}: {log}",
+                    self.address()
                 );
             }
             std::thread::sleep(POLL);
@@ -120,12 +174,15 @@ impl Memcached {
         }
     }
 
-    /// `127.0.0.1:PORT`, as written in `memcached.servers`.
+    /// `127.0.0.1:PORT` or `unix:PATH`, as written in `memcached.servers`.
     pub fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        match &self.socket {
+            Some(path) => format!("unix:{}", path.display()),
+            None => format!("127.0.0.1:{}", self.port),
+        }
     }
 
-    /// The port.
+    /// The port (0 on a unix socket).
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -140,11 +197,11 @@ impl Memcached {
         self.kill();
     }
 
-    /// Stop (when running) and start again on the same port, empty.
+    /// Stop (when running) and start again on the same port or socket, empty.
     pub fn restart(&self) {
         self.kill();
         if let Err(e) = self.spawn() {
-            panic!("memcached did not restart on port {}: {e:#}", self.port);
+            panic!("memcached did not restart on {}: {e:#}", self.address());
         }
     }
 
@@ -163,10 +220,21 @@ impl Memcached {
     /// Does `version` get an answer within `timeout` on a fresh connection?
     pub fn is_responsive(&self, timeout: Duration) -> bool {
         let exchange = || -> std::io::Result<bool> {
-            let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
-            let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
-            stream.set_read_timeout(Some(timeout))?;
-            stream.set_write_timeout(Some(timeout))?;
+            let mut stream = match &self.socket {
+                Some(path) => {
+                    let stream = UnixStream::connect(path)?;
+                    stream.set_read_timeout(Some(timeout))?;
+                    stream.set_write_timeout(Some(timeout))?;
+                    Conn::Unix(stream)
+                }
+                None => {
+                    let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+                    let stream = TcpStream::connect_timeout(&addr, timeout)?;
+                    stream.set_read_timeout(Some(timeout))?;
+                    stream.set_write_timeout(Some(timeout))?;
+                    Conn::Tcp(stream)
+                }
+            };
             stream.write_all(b"version\r\n")?;
             let mut line = Vec::new();
             BufReader::new(stream).read_until(b'\n', &mut line)?;
@@ -175,11 +243,22 @@ impl Memcached {
         exchange().unwrap_or(false)
     }
 
-    fn connect(&self) -> anyhow::Result<BufReader<TcpStream>> {
-        let stream = TcpStream::connect(("127.0.0.1", self.port))
-            .with_context(|| format!("connect to memcached at {}", self.address()))?;
-        stream.set_read_timeout(Some(MEMCACHED_IO_TIMEOUT))?;
-        stream.set_write_timeout(Some(MEMCACHED_IO_TIMEOUT))?;
+    fn connect(&self) -> anyhow::Result<BufReader<Conn>> {
+        let context = || format!("connect to memcached at {}", self.address());
+        let stream = match &self.socket {
+            Some(path) => {
+                let stream = UnixStream::connect(path).with_context(context)?;
+                stream.set_read_timeout(Some(MEMCACHED_IO_TIMEOUT))?;
+                stream.set_write_timeout(Some(MEMCACHED_IO_TIMEOUT))?;
+                Conn::Unix(stream)
+            }
+            None => {
+                let stream = TcpStream::connect(("127.0.0.1", self.port)).with_context(context)?;
+                stream.set_read_timeout(Some(MEMCACHED_IO_TIMEOUT))?;
+                stream.set_write_timeout(Some(MEMCACHED_IO_TIMEOUT))?;
+                Conn::Tcp(stream)
+            }
+        };
         Ok(BufReader::new(stream))
     }
 

@@ -40,6 +40,7 @@ pub struct StackBuilder<'a> {
     page_servers: usize,
     memcached_args: Vec<String>,
     index_args: Option<Vec<String>>,
+    unix_sockets: bool,
     changes: Vec<ConfigChange<'a>>,
     app: Option<AppSpec<'a>>,
 }
@@ -54,6 +55,13 @@ impl<'a> StackBuilder<'a> {
     /// Extra arguments for every page server (`-m 256`, `-I 1m`, ...).
     pub fn memcached_args(mut self, args: &[&str]) -> Self {
         self.memcached_args = args.iter().map(|a| (*a).to_owned()).collect();
+        self
+    }
+
+    /// Every memcached (pages and index) on a unix socket, named `unix:/path`
+    /// in the config, for nginx and the cache alike.
+    pub fn unix_sockets(mut self) -> Self {
+        self.unix_sockets = true;
         self
     }
 
@@ -91,12 +99,17 @@ impl<'a> StackBuilder<'a> {
     /// Panics when something does not come up, or the config is invalid.
     pub async fn start(self) -> Stack {
         let args: Vec<&str> = self.memcached_args.iter().map(String::as_str).collect();
-        let memcached: Vec<Memcached> = (0..self.page_servers)
-            .map(|_| Memcached::start_with(&args))
-            .collect();
+        let start = |args: &[&str]| {
+            if self.unix_sockets {
+                Memcached::start_unix(args)
+            } else {
+                Memcached::start_with(args)
+            }
+        };
+        let memcached: Vec<Memcached> = (0..self.page_servers).map(|_| start(&args)).collect();
         let index = self.index_args.map(|args| {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            Memcached::start_with(&args)
+            start(&args)
         });
         let mut config = Config::default();
         config.memcached.servers = memcached
@@ -162,6 +175,7 @@ impl Stack {
             page_servers: 1,
             memcached_args: Vec::new(),
             index_args: None,
+            unix_sockets: false,
             changes: Vec::new(),
             app: None,
         }

@@ -93,9 +93,28 @@ async fn page(State(site): State<Site>, OriginalUri(uri): OriginalUri) -> Respon
 
 /// The site behind the layer on `servers` memcached, nginx in front.
 async fn start(servers: usize, tweak: impl FnOnce(&mut Config)) -> (Stack, Site) {
+    start_on(Transport::Tcp, servers, tweak).await
+}
+
+/// How nginx and the cache reach memcached.
+#[derive(Clone, Copy)]
+enum Transport {
+    Tcp,
+    /// Every memcached on a unix socket (`unix:/path` servers), index included.
+    Unix,
+}
+
+async fn start_on(
+    transport: Transport,
+    servers: usize,
+    tweak: impl FnOnce(&mut Config),
+) -> (Stack, Site) {
     let site = Site::default();
-    let stack = Stack::builder()
-        .page_servers(servers)
+    let mut builder = Stack::builder().page_servers(servers);
+    if let Transport::Unix = transport {
+        builder = builder.unix_sockets().index_server(&[]);
+    }
+    let stack = builder
         .config(|c| {
             c.cache.exclude = vec!["^/excluded".to_owned()];
             c.memcached.timeout_ms = 500;
@@ -188,8 +207,15 @@ fn tricky_targets() -> Vec<String> {
     targets
 }
 
-async fn every_stored_page_is_a_hit(hashing: mcpage::ring::Hashing) {
-    let (stack, site) = start(3, |c| c.memcached.hashing = hashing).await;
+async fn every_stored_page_is_a_hit(transport: Transport, hashing: mcpage::ring::Hashing) {
+    let (stack, site) = start_on(transport, 3, |c| c.memcached.hashing = hashing).await;
+    if let Transport::Unix = transport {
+        assert_eq!(
+            stack.nginx().config_text().matches("server unix:").count(),
+            3,
+            "nginx reads the pages over the sockets"
+        );
+    }
     // Keep one target per key, so each body names the target that stored it.
     let mut seen = std::collections::HashSet::new();
     let targets: Vec<String> = tricky_targets()
@@ -291,17 +317,40 @@ async fn every_stored_page_is_a_hit(hashing: mcpage::ring::Hashing) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consistent_ring_matches_nginx_for_500_urls() {
-    every_stored_page_is_a_hit(mcpage::ring::Hashing::Consistent).await;
+    every_stored_page_is_a_hit(Transport::Tcp, mcpage::ring::Hashing::Consistent).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn modulo_hash_matches_nginx_for_500_urls() {
-    every_stored_page_is_a_hit(mcpage::ring::Hashing::Modulo).await;
+    every_stored_page_is_a_hit(Transport::Tcp, mcpage::ring::Hashing::Modulo).await;
+}
+
+/// nginx hashes a `unix:/path` server by its path alone
+/// (`ngx_http_upstream_init_chash`): the ring over three sockets must pick
+/// what nginx picks, and the cache's own client must speak over them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_ring_over_unix_sockets_matches_nginx_for_500_urls() {
+    every_stored_page_is_a_hit(Transport::Unix, mcpage::ring::Hashing::Consistent).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modulo_hash_over_unix_sockets_matches_nginx_for_500_urls() {
+    every_stored_page_is_a_hit(Transport::Unix, mcpage::ring::Hashing::Modulo).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalidating_a_tag_removes_exactly_its_pages_on_all_servers() {
-    let (stack, site) = start(3, |_| {}).await;
+    tag_invalidation_on_all_servers(Transport::Tcp).await;
+}
+
+/// The quiet deletes, the index and the clocks over unix sockets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidating_a_tag_over_unix_sockets_removes_exactly_its_pages() {
+    tag_invalidation_on_all_servers(Transport::Unix).await;
+}
+
+async fn tag_invalidation_on_all_servers(transport: Transport) {
+    let (stack, site) = start_on(transport, 3, |_| {}).await;
     for i in 0..60 {
         stack.fetch(&format!("/tagged/comments/{i}"), &[]).await;
         stack.fetch(&format!("/tagged/other/{i}"), &[]).await;
@@ -890,6 +939,42 @@ async fn host_mode_never_serves_one_hosts_page_for_another() {
         .collect();
     keys.sort();
     assert_eq!(keys, ["a.test/page", "b.test/page"]);
+}
+
+/// A pooled connection to a memcached that restarted on its socket reads EOF:
+/// it is dropped, not used, and the next operations go over a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_memcached_on_a_unix_socket_gets_new_connections() {
+    let stack = Stack::builder().unix_sockets().start().await;
+    let cache = stack.cache();
+    for round in 0..3 {
+        for i in 0..20 {
+            cache
+                .store_page(&format!("/u/{round}/{i}"), format!("page {i}"), ["u"])
+                .await
+                .unwrap_or_else(|e| panic!("store in round {round}: {e}"));
+        }
+        let keys = stack.memcached()[0].keys();
+        assert_eq!(
+            keys.iter().filter(|k| k.starts_with(b"/u/")).count(),
+            20,
+            "round {round}"
+        );
+        let removed = cache
+            .invalidator()
+            .invalidate_tags(["u"])
+            .await
+            .expect("invalidate");
+        assert_eq!(removed.pages, 20, "round {round}");
+        stack.memcached()[0].restart();
+    }
+    let stats = cache.stats();
+    assert_eq!(
+        (stats.store_errors, stats.invalidation_errors),
+        (0, 0),
+        "{stats:?}"
+    );
+    assert!(stats.servers.iter().all(|s| s.errors == 0), "{stats:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -96,8 +96,9 @@ impl MemcachedConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "ServerSpecRepr", into = "ServerSpecRepr")]
 pub struct ServerSpec {
-    /// `host:port` as written in the nginx `server` line; it is hashed, so
-    /// `localhost:11211` and `127.0.0.1:11211` are different rings.
+    /// `ip:port` or `unix:/path` as written in the nginx `server` line; it is
+    /// hashed (`unix:` servers by their path), so `127.0.0.1:11211` and
+    /// `[::ffff:127.0.0.1]:11211` are different rings.
     pub address: String,
     /// nginx `weight=`.
     pub weight: u32,
@@ -805,11 +806,15 @@ fn check_servers(field: &str, servers: &[ServerSpec], may_be_empty: bool) -> Res
     for (i, server) in servers.iter().enumerate() {
         let field = format!("{field}[{i}]");
         let address = &server.address;
+        if !(1..=1000).contains(&server.weight) {
+            // 160 ring points per unit of weight: keep the ring a sane size.
+            return Err(Error::config(field, "weight must be 1..=1000"));
+        }
         if address.starts_with("unix:") {
-            return Err(Error::config(
-                field,
-                "unix sockets are not supported; use host:port",
-            ));
+            // nginx hashes `unix:/path` by its path (ngx_http_upstream_init_chash),
+            // as `ring` does; the socket must be the one nginx's workers reach.
+            check_unix_socket(&field, address)?;
+            continue;
         }
         match address.rsplit_once(':') {
             Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
@@ -830,10 +835,6 @@ fn check_servers(field: &str, servers: &[ServerSpec], may_be_empty: bool) -> Res
                      differ from mcpage's; write the address (127.0.0.1:11211, [::1]:11211)"
                 ),
             ));
-        }
-        if !(1..=1000).contains(&server.weight) {
-            // 160 ring points per unit of weight: keep the ring a sane size.
-            return Err(Error::config(field, "weight must be 1..=1000"));
         }
     }
     Ok(())
@@ -1009,6 +1010,11 @@ mod tests {
         c.nginx.app = "unix:/run/mcpage/proxy.sock".into();
         c.proxy.listen = "unix:/run/mcpage/proxy.sock".into();
         c.proxy.upstream = "unix:/run/gunicorn.sock".into();
+        c.memcached.servers = vec![
+            ServerSpec::new("unix:/run/memcached/a.sock"),
+            ServerSpec::new("unix:/run/memcached/b.sock"),
+        ];
+        c.memcached.index_servers = vec![ServerSpec::new("unix:/run/memcached/index.sock")];
         c.validate().expect("unix sockets everywhere");
         let long = format!("unix:/{}", "s".repeat(MAX_SOCKET_PATH));
         for bad in [
@@ -1024,6 +1030,9 @@ mod tests {
             let mut c = Config::default();
             c.proxy.upstream = bad.to_owned();
             assert_eq!(field_of(&c), "proxy.upstream", "{bad}");
+            let mut c = Config::default();
+            c.memcached.servers = vec![ServerSpec::new(bad)];
+            assert_eq!(field_of(&c), "memcached.servers[0]", "{bad}");
         }
     }
 

@@ -14,11 +14,13 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use memcache::exp::{AsyncMetaClient, MetaClientBuilder, Operation};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
+use tokio_util::either::Either;
 
 mod breaker;
 mod quiet;
 pub(crate) mod text;
+mod unix;
 
 use std::sync::Arc;
 
@@ -29,10 +31,20 @@ use crate::config::{MemcachedConfig, ServerSpec};
 use crate::error::{Error, Result};
 use crate::ring::{Hashing, Ring};
 
+/// How a server is reached: the meta client over TCP, or the same
+/// commands over a unix socket.
+enum Client {
+    Tcp(AsyncMetaClient),
+    Unix(unix::UnixClient),
+}
+
+/// A raw connection to a server, for what the meta client does not do.
+pub(crate) type Stream = Either<TcpStream, UnixStream>;
+
 /// One memcached server.
 pub(crate) struct Server {
     name: String,
-    client: AsyncMetaClient,
+    client: Client,
     breaker: Breaker,
     /// Failed operations (transport, protocol, rejected, breaker open).
     errors: AtomicU64,
@@ -114,7 +126,11 @@ impl Server {
         operation: O,
     ) -> Result<O::Output> {
         self.check(circuit)?;
-        match self.client.run(operation).await {
+        let outcome = match &self.client {
+            Client::Tcp(client) => client.run(operation).await,
+            Client::Unix(client) => client.run(operation).await,
+        };
+        match outcome {
             Ok(output) => {
                 self.breaker.record_success();
                 Ok(output)
@@ -141,7 +157,11 @@ impl Server {
         if let Err(error) = self.check(circuit) {
             return fail_all(count, &error);
         }
-        match self.client.run_many(operations).await {
+        let outcome = match &self.client {
+            Client::Tcp(client) => client.run_many(operations).await,
+            Client::Unix(client) => client.run_many(operations).await,
+        };
+        match outcome {
             Ok(results) => {
                 let mut failed = false;
                 let out = results
@@ -190,6 +210,18 @@ impl Server {
         }
     }
 
+    /// A fresh raw connection (TCP with Nagle off, or the unix socket).
+    pub(crate) async fn connect(&self) -> std::io::Result<Stream> {
+        match self.name.strip_prefix("unix:") {
+            Some(path) => Ok(Either::Right(UnixStream::connect(path).await?)),
+            None => {
+                let stream = TcpStream::connect(&self.name).await?;
+                stream.set_nodelay(true)?;
+                Ok(Either::Left(stream))
+            }
+        }
+    }
+
     /// Raw text command over a fresh connection, for what the meta client
     /// does not speak (`stats`, `lru_crawler metadump`). Returns the lines up to
     /// the terminator line (`END`), without it.
@@ -200,7 +232,7 @@ impl Server {
     ) -> Result<Vec<Vec<u8>>> {
         let io = |e: std::io::Error| self.error(memcache::exp::Error::Io(e));
         let exchange = async {
-            let mut stream = TcpStream::connect(&self.name).await.map_err(io)?;
+            let mut stream = self.connect().await.map_err(io)?;
             stream.write_all(command.as_bytes()).await.map_err(io)?;
             stream.write_all(b"\r\n").await.map_err(io)?;
             let mut reader = BufReader::new(stream);
@@ -259,16 +291,23 @@ impl Pool {
         let timeout = Duration::from_millis(config.timeout_ms);
         let mut servers = Vec::with_capacity(specs.len());
         for spec in specs {
-            let client = MetaClientBuilder::new()
-                .io_timeout(Some(timeout))
-                .connect_timeout(Some(timeout))
-                .max_idle(config.max_idle)
-                .connect_async(spec.address.as_str())
-                .await
-                .map_err(|source| Error::Memcached {
-                    server: spec.address.clone(),
-                    source: Arc::new(source),
-                })?;
+            let client = match spec.address.strip_prefix("unix:") {
+                Some(path) => {
+                    Client::Unix(unix::UnixClient::new(path.into(), config.max_idle, timeout))
+                }
+                None => Client::Tcp(
+                    MetaClientBuilder::new()
+                        .io_timeout(Some(timeout))
+                        .connect_timeout(Some(timeout))
+                        .max_idle(config.max_idle)
+                        .connect_async(spec.address.as_str())
+                        .await
+                        .map_err(|source| Error::Memcached {
+                            server: spec.address.clone(),
+                            source: Arc::new(source),
+                        })?,
+                ),
+            };
             servers.push(Server {
                 name: spec.address.clone(),
                 client,

@@ -22,7 +22,6 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
 
 use super::{Pool, Server};
 use crate::error::{Error, Result};
@@ -99,9 +98,8 @@ impl Server {
         answers: &mut [Option<Result<Deletion>>],
     ) -> Result<Option<String>> {
         let io = |e: std::io::Error| self.error(memcache::exp::Error::Io(e));
-        let mut stream = TcpStream::connect(&self.name).await.map_err(io)?;
-        stream.set_nodelay(true).map_err(io)?;
-        let (read, mut write) = stream.split();
+        let stream = self.connect().await.map_err(io)?;
+        let (read, mut write) = tokio::io::split(stream);
         // Write and read at once: memcached answers while the batch is still
         // arriving, and a reader that waited for the whole write could
         // deadlock with a server whose send buffer is full.
