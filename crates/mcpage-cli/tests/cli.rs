@@ -132,7 +132,7 @@ fn key_containing(memcached: &Memcached, needle: &str) -> Option<Vec<u8>> {
 // mcpage nginx
 // ---------------------------------------------------------------------------
 
-const EXAMPLES: [&str; 3] = ["single", "shards", "gzip"];
+const EXAMPLES: [&str; 4] = ["single", "shards", "gzip", "unix"];
 
 #[test]
 fn nginx_examples_are_current() {

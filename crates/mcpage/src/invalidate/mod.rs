@@ -465,14 +465,14 @@ fn answer_for(answer: &Answer, targets: &BTreeSet<Target>, limit: usize) -> Resu
         index_recovery: 0,
         ..Removed::default()
     };
-    let mut pages: HashSet<&[u8]> = HashSet::new();
+    let mut pages: HashSet<run::PageId> = HashSet::new();
     let mut first: Option<&Error> = None;
     let mut failed = 0;
     let mut lost = false;
     for target in targets {
         match answer.outcome.targets.get(target) {
             Some(Ok(set)) => {
-                pages.extend(set.iter().map(Vec::as_slice));
+                pages.extend(set.iter().copied());
                 removed.by_item.push(RemovedItem {
                     item: target.item().to_owned(),
                     target: target.clone(),
@@ -671,10 +671,9 @@ mod tests {
             index_recovery: 0,
             pages_removed: 2,
         };
-        outcome.targets.insert(
-            tag.clone(),
-            Ok(HashSet::from([b"/1".to_vec(), b"/2".to_vec()])),
-        );
+        outcome
+            .targets
+            .insert(tag.clone(), Ok(HashSet::from([0, 1])));
         outcome
             .targets
             .insert(url.clone(), Err(Error::BreakerOpen { server: "s".into() }));

@@ -11,11 +11,13 @@
 //!    deleted or forgotten.
 //! 3. **Settle**: wait 2W (W = `invalidation.write_window_ms`) after the last
 //!    raise was confirmed.
-//! 4. Tags: read their index shards in chunks of [`CHUNK_SHARDS`], delete
-//!    the pages they list (pipelined, at most [`CHUNK_DELETES`] at once, each
-//!    page once per run), then clear the records of pages confirmed gone
-//!    whose renders started before C (CAS-guarded: concurrent appends
-//!    survive). Memory stays bounded by a chunk, whatever the tag's size.
+//! 4. Tags: read their index shards in chunks of [`CHUNK_SHARDS`] (one
+//!    pipelined read), delete the pages they list (quiet mode, every server
+//!    at once, at most [`CHUNK_DELETES`] per round, each page once per run),
+//!    then clear, all shards of the chunk at once, the records of pages
+//!    confirmed gone whose renders started before C (CAS-guarded: concurrent
+//!    appends survive). Memory stays bounded by a chunk, whatever the tag's
+//!    size.
 //! 5. URLs: delete their pages. Prefixes: walk each page server's key list
 //!    (`lru_crawler metadump`) and delete the matching pages.
 //!
@@ -36,10 +38,12 @@
 //! meanwhile), and pages rendered during those 2W are deleted too (fresh or
 //! not: a record does not say which store of a key is in memcached).
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::future::join_all;
 use memcache::exp::{Delete, Get, Meta, MutationStatus, Set, Ttl};
 
 use super::Target;
@@ -49,10 +53,14 @@ use crate::key::{KeyScheme, memcached_unescape};
 use crate::memcached::{Circuit, Deletion, Pool, quiet_safe, text};
 use crate::tags::{self, IndexKeys};
 
-/// Index shards read (and their pages deleted, their records cleared) at once.
-const CHUNK_SHARDS: usize = 8;
-/// Page deletes pipelined at once.
-const CHUNK_DELETES: usize = 2_000;
+/// Index shards read (and their pages deleted, their records cleared) at
+/// once: one tag's shards at the default `cache.index_shards`, so a tag costs
+/// one read round trip; at most 16 x `index_shard_max_bytes` (4 MiB) held.
+const CHUNK_SHARDS: usize = 16;
+/// Page deletes sent at once (all servers, several connections each; see
+/// `memcached::quiet`): 10,000 pages go in one round. At most 20,000 keys
+/// of at most 250 bytes are held.
+const CHUNK_DELETES: usize = 20_000;
 
 /// How many times a shard is re-read when writers keep appending to it while
 /// it is being cleared. Giving up leaves records of deleted pages behind: only
@@ -88,8 +96,9 @@ pub(crate) fn settle_time(write_window_ms: u64) -> Duration {
 /// What a run did for each of its targets.
 #[derive(Debug)]
 pub(crate) struct Outcome {
-    /// Per target: the pages it listed that this run deleted, or why it failed.
-    pub(crate) targets: HashMap<Target, Result<HashSet<Vec<u8>>>>,
+    /// Per target: the pages it listed that this run deleted (as
+    /// [`PageId`]s of this run), or why it failed.
+    pub(crate) targets: HashMap<Target, Result<HashSet<PageId>>>,
     /// Pages purged because an index server lost its records (step 1).
     pub(crate) index_recovery: usize,
     /// Distinct pages this run deleted.
@@ -128,20 +137,50 @@ impl Outcome {
         self.targets.get(target).is_some_and(Result::is_ok)
     }
 
-    fn removed(&mut self, target: &Target, page: &[u8]) {
+    fn removed(&mut self, target: &Target, page: PageId) {
         if let Some(Ok(set)) = self.targets.get_mut(target) {
-            set.insert(page.to_vec());
+            set.insert(page);
         }
     }
 }
 
-/// Pages deleted so far in a run, and their fate.
+/// A page this run deleted, numbered in the order of deletion: what the
+/// per-target counts are made of (a few bytes each instead of a copy of the
+/// key, for tags of tens of thousands of pages).
+pub(crate) type PageId = u32;
+
+/// Pages known to be gone so far in a run, and whether this run deleted them.
 #[derive(Default)]
 struct Deleted {
-    /// Deleted by this run.
-    removed: HashSet<Vec<u8>>,
-    /// Known to be gone (deleted by this run or already missing).
-    confirmed: HashSet<Vec<u8>>,
+    /// Key -> `Some(id)` when this run deleted it, `None` when it was
+    /// already missing.
+    gone: HashMap<Vec<u8>, Option<PageId>>,
+    /// How many of them this run deleted (the next id).
+    removed: PageId,
+}
+
+impl Deleted {
+    fn is_confirmed(&self, page: &[u8]) -> bool {
+        self.gone.contains_key(page)
+    }
+
+    /// The page's id when this run deleted it.
+    fn removed_id(&self, page: &[u8]) -> Option<PageId> {
+        self.gone.get(page).copied().flatten()
+    }
+
+    /// `page` is gone; `applied`: this run's delete removed it.
+    fn confirm(&mut self, page: &[u8], applied: bool) -> Option<PageId> {
+        if let Some(known) = self.gone.get(page) {
+            return *known;
+        }
+        let id = applied.then(|| {
+            self.removed += 1;
+            self.removed - 1
+        });
+        self.gone.insert(page.to_vec(), id);
+        id
+    }
 }
 
 impl Runner {
@@ -191,13 +230,13 @@ impl Runner {
             .filter(|(t, _)| outcome.is_live(t))
             .collect();
         if !urls.is_empty() {
-            let keys: Vec<Vec<u8>> = urls.iter().map(|(_, k)| k.clone()).collect();
-            let failed = self.delete_pages(keys, &mut deleted).await;
+            let keys: Vec<&[u8]> = urls.iter().map(|(_, k)| k.as_slice()).collect();
+            let failed = self.delete_pages(&keys, &mut deleted).await;
             for (target, key) in &urls {
-                if let Some(error) = failed.get(key) {
+                if let Some(error) = failed.get(key.as_slice()) {
                     outcome.fail(target, error);
-                } else if deleted.removed.contains(key) {
-                    outcome.removed(target, key);
+                } else if let Some(id) = deleted.removed_id(key) {
+                    outcome.removed(target, id);
                 }
             }
         }
@@ -208,8 +247,8 @@ impl Runner {
             {
                 match self.purge_keys(prefix, &mut deleted).await {
                     Ok(removed) => {
-                        for key in removed {
-                            outcome.removed(target, &key);
+                        for id in removed {
+                            outcome.removed(target, id);
                         }
                     }
                     Err(error) => outcome.fail(target, &error),
@@ -223,7 +262,7 @@ impl Runner {
                 }
             }
         }
-        outcome.pages_removed = deleted.removed.len() + outcome.index_recovery;
+        outcome.pages_removed = deleted.removed as usize + outcome.index_recovery;
         outcome
     }
 
@@ -330,15 +369,16 @@ impl Runner {
                     Err(error) => outcome.fail(tags[*t].0, &error),
                 }
             }
-            // Each page once per run, whichever tags list it.
-            let wanted: BTreeSet<Vec<u8>> = shards
+            // Each page once per run, whichever tags list it (borrowed from
+            // the shards read: no copy per page).
+            let mut wanted: Vec<&[u8]> = shards
                 .iter()
-                .flat_map(|(_, _, _, value)| tags::entries(value).map(|(page, _)| page.to_vec()))
-                .filter(|page| !deleted.confirmed.contains(page))
+                .flat_map(|(_, _, _, value)| tags::entries(value).map(|(page, _)| page))
                 .collect();
-            let failed = self
-                .delete_pages(wanted.into_iter().collect(), deleted)
-                .await;
+            wanted.sort_unstable();
+            wanted.dedup();
+            let failed = self.delete_pages(&wanted, deleted).await;
+            let mut clears = Vec::new();
             for (t, shard, cas, value) in shards {
                 let target = tags[t].0;
                 let mut complete = true;
@@ -346,15 +386,27 @@ impl Runner {
                     if let Some(error) = failed.get(page) {
                         outcome.fail(target, error);
                         complete = false;
-                    } else if deleted.removed.contains(page) {
-                        outcome.removed(target, page);
+                    } else if let Some(id) = deleted.removed_id(page) {
+                        outcome.removed(target, id);
                     }
                 }
                 // Forget the records whose pages are confirmed gone, and only those.
                 if complete && outcome.is_live(target) {
-                    if let Err(error) = self.clear_shard(&shard, value, cas, clock).await {
-                        outcome.fail(target, &error);
-                    }
+                    clears.push((target, shard, value, cas));
+                }
+            }
+            // The shards are independent items: clear them all at once.
+            let (targets, clearing): (Vec<_>, Vec<_>) = clears
+                .into_iter()
+                .map(|(target, shard, value, cas)| {
+                    let clear = async move { self.clear_shard(&shard, value, cas, clock).await };
+                    (target, clear)
+                })
+                .unzip();
+            let cleared = join_all(clearing).await;
+            for (target, result) in targets.into_iter().zip(cleared) {
+                if let Err(error) = result {
+                    outcome.fail(target, &error);
                 }
             }
         }
@@ -362,31 +414,33 @@ impl Runner {
 
     /// Delete page keys on the servers nginx reads them from, at most
     /// [`CHUNK_DELETES`] at once. Returns the failures by key.
-    async fn delete_pages(
-        &self,
-        keys: Vec<Vec<u8>>,
-        deleted: &mut Deleted,
-    ) -> HashMap<Vec<u8>, Error> {
+    async fn delete_pages(&self, keys: &[&[u8]], deleted: &mut Deleted) -> HashMap<Vec<u8>, Error> {
         let mut failed = HashMap::new();
         for chunk in keys.chunks(CHUNK_DELETES) {
-            let todo: Vec<&Vec<u8>> = chunk
+            let todo: Vec<&[u8]> = chunk
                 .iter()
-                .filter(|key| !deleted.confirmed.contains(*key))
+                .copied()
+                .filter(|key| !deleted.is_confirmed(key))
                 .collect();
             // Every server at once, one quiet-mode batch each (`md <key> q`,
             // one `mn`: memcached answers only what did not succeed); the rare
             // keys the meta client would base64-encode go in an ordinary
-            // pipelined batch alongside.
-            let (quiet, plain): (Vec<&Vec<u8>>, Vec<&Vec<u8>>) =
+            // pipelined batch alongside. The ring hashes the value V, which is
+            // the key itself unless the key has escapes.
+            let (quiet, plain): (Vec<&[u8]>, Vec<&[u8]>) =
                 todo.into_iter().partition(|key| quiet_safe(key));
-            let value = |key: &Vec<u8>| memcached_unescape(key).unwrap_or_else(|| key.clone());
-            let quiet_pairs: Vec<(Vec<u8>, &[u8])> = quiet
-                .iter()
-                .map(|key| (value(key), key.as_slice()))
-                .collect();
+            fn value(key: &[u8]) -> Cow<'_, [u8]> {
+                if key.contains(&b'%') {
+                    memcached_unescape(key).map_or(Cow::Borrowed(key), Cow::Owned)
+                } else {
+                    Cow::Borrowed(key)
+                }
+            }
+            let quiet_pairs: Vec<(Cow<'_, [u8]>, &[u8])> =
+                quiet.iter().map(|key| (value(key), *key)).collect();
             let plain_ops = plain
                 .iter()
-                .map(|key| (value(key), Delete::new(key)))
+                .map(|key| (value(key).into_owned(), Delete::new(*key)))
                 .collect();
             let (quiet_results, plain_results) = futures_util::future::join(
                 self.pages.delete_quiet_routed(&quiet_pairs),
@@ -406,13 +460,10 @@ impl Runner {
             {
                 match result {
                     Ok(applied) => {
-                        if applied {
-                            deleted.removed.insert(key.clone());
-                        }
-                        deleted.confirmed.insert(key.clone());
+                        deleted.confirm(key, applied);
                     }
                     Err(error) => {
-                        failed.insert(key.clone(), error);
+                        failed.insert(key.to_vec(), error);
                     }
                 }
             }
@@ -460,11 +511,11 @@ impl Runner {
 
     /// Step 5 for one prefix: delete every page whose value V starts with
     /// `keys.prefix` + `prefix`, walking each page server's key list.
-    async fn purge_keys(&self, prefix: &str, deleted: &mut Deleted) -> Result<HashSet<Vec<u8>>> {
+    async fn purge_keys(&self, prefix: &str, deleted: &mut Deleted) -> Result<Vec<PageId>> {
         let mut wanted = self.keys.prefix().to_vec();
         wanted.extend_from_slice(prefix.as_bytes());
         let namespace = self.index_keys.namespace().as_bytes();
-        let mut removed = HashSet::new();
+        let mut removed = Vec::new();
         let mut first_error = None;
         for (index, server) in self.pages.servers().iter().enumerate() {
             // `Server::metadump` walks the hash table, which sees every item
@@ -499,11 +550,10 @@ impl Runner {
                     {
                         match result {
                             Ok(result) => {
-                                if result.status == MutationStatus::Applied {
-                                    deleted.removed.insert(key.clone());
-                                    removed.insert(key.clone());
+                                let applied = result.status == MutationStatus::Applied;
+                                if let Some(id) = deleted.confirm(key, applied) {
+                                    removed.push(id);
                                 }
-                                deleted.confirmed.insert(key.clone());
                             }
                             Err(error) => {
                                 first_error.get_or_insert(error);
@@ -513,6 +563,9 @@ impl Runner {
                 }
             }
         }
+        // A page deleted in two passes (stored again in between) counts once.
+        removed.sort_unstable();
+        removed.dedup();
         match first_error {
             None => Ok(removed),
             Some(error) => Err(error),
@@ -586,4 +639,32 @@ impl Runner {
 struct Raised {
     clock: u64,
     at: Instant,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_page_gets_one_id_and_only_deleted_pages_get_one() {
+        let mut deleted = Deleted::default();
+        // (page, this run's delete applied, expected id)
+        let table: [(&[u8], bool, Option<PageId>); 6] = [
+            (b"/a", true, Some(0)),
+            (b"/b", false, None),
+            (b"/c", true, Some(1)),
+            // Seen again (listed by another tag, or a duplicate record): the
+            // first answer stands.
+            (b"/a", false, Some(0)),
+            (b"/b", true, None),
+            (b"/c", true, Some(1)),
+        ];
+        for (page, applied, id) in table {
+            assert_eq!(deleted.confirm(page, applied), id, "{page:?}");
+            assert!(deleted.is_confirmed(page));
+            assert_eq!(deleted.removed_id(page), id);
+        }
+        assert_eq!(deleted.removed, 2);
+        assert!(!deleted.is_confirmed(b"/d"));
+    }
 }

@@ -16,6 +16,8 @@
 //! that fails before `MN` leaves every key not named otherwise unconfirmed:
 //! an error, never a silent success.
 
+use std::borrow::Cow;
+use std::io::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -61,7 +63,8 @@ impl Server {
         for (n, key) in keys.iter().enumerate() {
             payload.extend_from_slice(b"md ");
             payload.extend_from_slice(key);
-            payload.extend_from_slice(format!(" q O{n}\r\n").as_bytes());
+            // Writing into a Vec cannot fail.
+            let _ = write!(payload, " q O{n}\r\n");
         }
         payload.extend_from_slice(b"mn\r\n");
         let mut answers: Vec<Option<Result<Deletion>>> = keys.iter().map(|_| None).collect();
@@ -153,7 +156,7 @@ impl Pool {
     /// for each value V, all servers at once; one result per pair, in order.
     pub(crate) async fn delete_quiet_routed(
         &self,
-        pairs: &[(Vec<u8>, &[u8])],
+        pairs: &[(Cow<'_, [u8]>, &[u8])],
     ) -> Vec<Result<Deletion>> {
         let mut groups: Vec<(Vec<usize>, Vec<&[u8]>)> = self
             .servers
