@@ -230,6 +230,19 @@ async fn page_items(cache: &Cache) -> anyhow::Result<u64> {
     Ok(total)
 }
 
+/// Store one page through the write path. A store the write window gave up
+/// on (`Error::WriteWindow`: the machine was too busy to send it in time, so
+/// it was not kept) is tried again, as the next request would.
+async fn store(cache: &Cache, url: &str, body: &[u8], tag: &str) -> anyhow::Result<()> {
+    let mut attempts = 0;
+    loop {
+        match cache.store_page(url, body.to_vec(), [tag]).await {
+            Err(mcpage::Error::WriteWindow { .. }) if attempts < 10 => attempts += 1,
+            other => return other.map(drop).with_context(|| format!("store {url}")),
+        }
+    }
+}
+
 /// Store `pages` pages under one tag, then time `invalidate_tags` of that tag.
 async fn invalidation(cache: &Cache, pages: usize) -> anyhow::Result<()> {
     const TAG: &str = "bench:invalidate";
@@ -256,10 +269,7 @@ async fn invalidation(cache: &Cache, pages: usize) -> anyhow::Result<()> {
                     return anyhow::Ok(());
                 }
                 let url = format!("/bench/invalidate/{i:05}");
-                cache
-                    .store_page(&url, body.clone(), [TAG])
-                    .await
-                    .with_context(|| format!("store {url}"))?;
+                store(&cache, &url, &body, TAG).await?;
             }
         });
     }
@@ -298,10 +308,7 @@ async fn read_your_writes_costs(cache: &Cache) -> anyhow::Result<()> {
     let started = Instant::now();
     for i in 0..WRITES {
         let url = format!("/bench/rw/{i:04}");
-        cache
-            .store_page(&url, body.clone(), [TAG])
-            .await
-            .with_context(|| format!("store {url}"))?;
+        store(cache, &url, &body, TAG).await?;
     }
     let write = started.elapsed() / u32::try_from(WRITES).unwrap_or(u32::MAX);
     let invalidator = cache.invalidator();
