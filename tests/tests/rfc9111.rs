@@ -1,8 +1,9 @@
 //! Issue 11 end to end, through real nginx: a page is stored only for its
 //! remaining freshness (RFC 9111 4.2), never against a targeted field
 //! (RFC 9213), only when the hit nginx builds equals the miss (Content-Type,
-//! security headers), and an unsafe method invalidates what it changed
-//! (RFC 9111 4.4) before its response goes back.
+//! security headers), never for a request that says `no-store` (RFC 9111
+//! 5.2.1.5), and an unsafe method invalidates what it changed (RFC 9111 4.4)
+//! before its response goes back.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
@@ -378,6 +379,33 @@ async fn only_fresh_identical_representations_are_stored_for_their_remaining_lif
         expected_bypasses.values().sum::<u64>(),
         expected_bypasses
     );
+}
+
+/// RFC 9111 5.2.1.5: the response to a request with `Cache-Control:
+/// no-store` is never stored, while a page stored before still answers such
+/// a request (the directive does not apply to it). A browser's reload
+/// (`max-age=0`, `no-cache`) only states a preference (5.2.1): stored as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_no_store_request_is_answered_but_its_response_never_stored() {
+    let stack = Site::start().await;
+    let page = "/no-store/article";
+    for value in ["no-store", "max-age=0, No-Store"] {
+        let miss = get(&stack.nginx().url(page), &[("cache-control", value)]).await;
+        assert_eq!(miss.status, 200, "{value}");
+        assert_eq!(miss.header("x-cache"), Some("BYPASS"), "{value}");
+        stack.cache().wait_for_writes().await;
+        assert!(!stack.stored(page), "stored after {value}");
+    }
+    assert_eq!(stack.bypass_count(Bypass::RequestNoStore), 2);
+
+    let reload = get(&stack.nginx().url(page), &[("cache-control", "max-age=0")]).await;
+    assert_eq!(reload.header("x-cache"), Some("MISS"));
+    stack.cache().wait_for_writes().await;
+    assert!(stack.stored(page));
+
+    let hit = get(&stack.nginx().url(page), &[("cache-control", "no-store")]).await;
+    assert_eq!(hit.header("x-cache"), Some("HIT"));
+    assert_eq!(hit.body, reload.body);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,7 +2,9 @@
 //!
 //! The request rule is mirrored into nginx by `mcpage nginx` (session cookies,
 //! `Authorization`, method, query string, host), so a request the layer would
-//! not cache is also never answered from memcached.
+//! not cache is also never answered from memcached. A request's
+//! `Cache-Control: no-store` is the one request rule nginx does not mirror: it
+//! forbids storing the response (RFC 9111 5.2.1.5), not serving a stored one.
 
 use std::fmt;
 use std::time::{Duration, SystemTime};
@@ -91,6 +93,10 @@ pub enum Bypass {
     /// response lacks a configured one, carries another value, or carries one
     /// that nginx would drop.
     HeaderDiffers,
+    /// The request says `Cache-Control: no-store` (RFC 9111 5.2.1.5): no
+    /// response to it may be stored. Not mirrored into nginx: a page stored
+    /// before may still answer it (the directive does not apply to it).
+    RequestNoStore,
 }
 
 /// Request headers that are not part of the key but that frameworks honour to
@@ -153,7 +159,8 @@ impl From<crate::key::KeySkip> for Bypass {
     }
 }
 
-/// Request headers and method: anonymous GET only.
+/// Request headers and method: anonymous GET only, and no `Cache-Control:
+/// no-store` (RFC 9111 5.2.1.5).
 pub(crate) fn check_request(
     compiled: &Compiled,
     method: &Method,
@@ -167,6 +174,15 @@ pub(crate) fn check_request(
     }
     if has_session_cookie(&compiled.session_cookies, headers) {
         return Err(Bypass::Session);
+    }
+    // RFC 9111 5.2.1.5, looked for anywhere in the value like the response's
+    // words (`forbids_storing`): not storing is always safe.
+    if headers
+        .get_all(CACHE_CONTROL)
+        .iter()
+        .any(|value| contains_ignore_case(value.as_bytes(), b"no-store"))
+    {
+        return Err(Bypass::RequestNoStore);
     }
     if UNKEYED_HEADER_NAMES
         .iter()
@@ -183,6 +199,13 @@ pub(crate) fn check_request(
         }
     }
     Ok(())
+}
+
+/// Does `value` hold `word` anywhere, ASCII case-insensitively?
+fn contains_ignore_case(value: &[u8], word: &[u8]) -> bool {
+    value
+        .windows(word.len())
+        .any(|w| w.eq_ignore_ascii_case(word))
 }
 
 /// Does any `Cookie` header carry one of `names` (exact cookie-name match)?
@@ -730,6 +753,36 @@ mod tests {
                 ],
                 Ok(()),
             ),
+            // RFC 9111 5.2.1.5: a response to a no-store request is not
+            // stored; the other request directives only state preferences
+            // about serving (5.2.1), which nginx answers from memcached anyway.
+            (
+                &[("cache-control", "no-store")],
+                Err(Bypass::RequestNoStore),
+            ),
+            (
+                &[("cache-control", "No-Store")],
+                Err(Bypass::RequestNoStore),
+            ),
+            (
+                &[("cache-control", "max-age=0, no-store")],
+                Err(Bypass::RequestNoStore),
+            ),
+            (
+                &[
+                    ("cache-control", "max-age=0"),
+                    ("cache-control", "no-store"),
+                ],
+                Err(Bypass::RequestNoStore),
+            ),
+            (
+                &[("cache-control", "no-store;x")],
+                Err(Bypass::RequestNoStore),
+            ),
+            (&[("cache-control", "no-cache")], Ok(())),
+            (&[("cache-control", "max-age=0")], Ok(())),
+            (&[("cache-control", "nothing-to-see-here")], Ok(())),
+            (&[("pragma", "no-cache")], Ok(())),
         ];
         for (pairs, expected) in table {
             assert_eq!(
