@@ -295,7 +295,10 @@ async fn invalidation(cache: &Cache, pages: usize) -> anyhow::Result<()> {
         let left = page_items(cache).await?.saturating_sub(before);
         rounds.push((took, removed.pages, left, stored_in));
     }
-    let all: Vec<String> = rounds.iter().map(|r| format!("{:.1}", millis(r.0))).collect();
+    let all: Vec<String> = rounds
+        .iter()
+        .map(|r| format!("{:.1}", millis(r.0)))
+        .collect();
     // The round with the median time; a round that left pages is reported
     // whatever its time (the script fails the run on it).
     rounds.sort_by_key(|r| r.0);
