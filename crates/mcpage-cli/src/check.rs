@@ -36,9 +36,10 @@ use http::{HeaderMap, Request, Uri};
 use http_body_util::{BodyExt as _, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+use mcpage::MemcachedClient;
 use mcpage::key::PageKey;
 use mcpage::{Cache, Config};
-use memcache::exp::{AsyncMetaClient, Delete, Set, Ttl};
+use memcache::exp::{Delete, Set, Ttl};
 
 use crate::http_client::{self, Reuse, root_cause};
 
@@ -106,10 +107,8 @@ pub(crate) async fn run(config: &Config, args: Args) -> anyhow::Result<ExitCode>
 
     let mut clients = Vec::new();
     for server in &config.memcached.servers {
-        let client = AsyncMetaClient::builder()
-            .io_timeout(Some(MEMCACHED_TIMEOUT))
-            .connect_timeout(Some(MEMCACHED_TIMEOUT))
-            .connect_async(server.address.as_str())
+        // Each server by its own address, TCP or unix socket, as nginx reaches it.
+        let client = MemcachedClient::connect(&server.address, MEMCACHED_TIMEOUT)
             .await
             .with_context(|| format!("memcached {}", server.address))?;
         clients.push((server.address.clone(), client));
@@ -185,7 +184,7 @@ struct Probe {
 struct Checker<'a> {
     config: &'a Config,
     cache: &'a Cache,
-    clients: &'a [(String, AsyncMetaClient)],
+    clients: &'a [(String, MemcachedClient)],
     /// To nginx: no connection is reused (see the module docs, step 3).
     http: Client<HttpConnector, Empty<Bytes>>,
     /// nginx, `host:port`.

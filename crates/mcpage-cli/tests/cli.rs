@@ -816,6 +816,23 @@ fn check_says_hit_for_a_correct_setup() {
     assert_no_probes(&[&a, &b]);
 }
 
+/// memcached on unix sockets: `check` writes each probe over the socket
+/// nginx reads it from.
+#[test]
+fn check_says_hit_over_unix_sockets() {
+    let a = Memcached::start_unix(&[]);
+    let b = Memcached::start_unix(&[]);
+    let mut config = config_for(&[&a, &b]);
+    config.nginx.listen = free_addr();
+    config.nginx.app = free_addr();
+    assert!(config.memcached.servers[0].address.starts_with("unix:/"));
+    let nginx = Nginx::start(&config);
+    let run = check(&config, nginx.address());
+    assert_eq!(run.code, Some(0), "{}", run.both());
+    assert!(run.stdout.starts_with("HIT: "), "{}", run.both());
+    assert_no_probes(&[&a, &b]);
+}
+
 #[test]
 fn check_finds_a_prefix_mismatch() {
     let (a, b, config) = check_setup();

@@ -81,5 +81,6 @@ pub use error::{Error, Result};
 pub use hit::CHECKED_HEADERS;
 pub use invalidate::{Invalidator, PendingItem, Removed, RemovedItem, Target};
 pub use layer::{CacheTags, PageBody, PageCache, PageCacheLayer, SkipCache};
+pub use memcached::MemcachedClient;
 pub use policy::{Bypass, UNKEYED_HEADERS};
 pub use stats::{BypassCount, CacheStats, IndexUsage, Pending, ServerReport, ServerStats};

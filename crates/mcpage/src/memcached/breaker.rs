@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug)]
 pub(crate) struct Breaker {
+    /// The server, as configured: named in the log lines.
+    server: String,
     threshold: u32,
     cooldown: Duration,
     epoch: Instant,
@@ -20,8 +22,9 @@ pub(crate) struct Breaker {
 }
 
 impl Breaker {
-    pub(crate) fn new(threshold: u32, cooldown: Duration) -> Self {
+    pub(crate) fn new(server: impl Into<String>, threshold: u32, cooldown: Duration) -> Self {
         Breaker {
+            server: server.into(),
             threshold: threshold.max(1),
             cooldown,
             epoch: Instant::now(),
@@ -61,7 +64,9 @@ impl Breaker {
 
     pub(crate) fn record_success(&self) {
         self.consecutive_failures.store(0, Ordering::Release);
-        self.open_until_ms.store(0, Ordering::Release);
+        if self.open_until_ms.swap(0, Ordering::AcqRel) != 0 {
+            tracing::info!(server = %self.server, "memcached circuit breaker closed");
+        }
     }
 
     pub(crate) fn record_failure(&self) {
@@ -73,7 +78,7 @@ impl Breaker {
             let next = self.now_ms() + self.cooldown_ms();
             if self.open_until_ms.swap(next, Ordering::AcqRel) == 0 {
                 self.opened_total.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(failures, "memcached circuit breaker opened");
+                tracing::warn!(server = %self.server, failures, "memcached circuit breaker opened");
             }
         }
     }
@@ -93,7 +98,7 @@ mod tests {
 
     #[test]
     fn opens_after_threshold_and_probes_once_per_cooldown() {
-        let breaker = Breaker::new(3, Duration::ZERO);
+        let breaker = Breaker::new("s", 3, Duration::ZERO);
         assert!(breaker.allow());
         breaker.record_failure();
         breaker.record_failure();
@@ -108,7 +113,7 @@ mod tests {
 
     #[test]
     fn open_breaker_refuses_until_cooldown() {
-        let breaker = Breaker::new(1, Duration::from_secs(3600));
+        let breaker = Breaker::new("s", 1, Duration::from_secs(3600));
         breaker.record_failure();
         assert!(!breaker.allow());
         assert!(!breaker.allow());
@@ -116,7 +121,7 @@ mod tests {
 
     #[test]
     fn half_open_lets_exactly_one_probe_through() {
-        let breaker = Breaker::new(1, Duration::from_millis(1));
+        let breaker = Breaker::new("s", 1, Duration::from_millis(1));
         breaker.record_failure();
         // Poll until the 1 ms cooldown has passed; then one probe, then refusal.
         let deadline = Instant::now() + Duration::from_secs(5);

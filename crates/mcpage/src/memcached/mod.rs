@@ -38,6 +38,111 @@ enum Client {
     Unix(unix::UnixClient),
 }
 
+impl Client {
+    /// A client for `address` (`ip:port` or `unix:/path`) with `max_idle`
+    /// idle connections and `timeout` per exchange.
+    async fn connect(address: &str, timeout: Duration, max_idle: usize) -> Result<Client> {
+        Ok(match address.strip_prefix("unix:") {
+            Some(path) => Client::Unix(unix::UnixClient::new(path.into(), max_idle, timeout)),
+            None => Client::Tcp(
+                MetaClientBuilder::new()
+                    .io_timeout(Some(timeout))
+                    .connect_timeout(Some(timeout))
+                    .max_idle(max_idle)
+                    .connect_async(address)
+                    .await
+                    .map_err(|source| Error::Memcached {
+                        server: address.to_owned(),
+                        source: Arc::new(source),
+                    })?,
+            ),
+        })
+    }
+
+    async fn run<O: Operation>(&self, operation: O) -> memcache::exp::Result<O::Output> {
+        match self {
+            Client::Tcp(client) => client.run(operation).await,
+            Client::Unix(client) => client.run(operation).await,
+        }
+    }
+
+    async fn run_many<O: Operation>(
+        &self,
+        operations: Vec<O>,
+    ) -> memcache::exp::Result<Vec<memcache::exp::Result<O::Output>>> {
+        match self {
+            Client::Tcp(client) => client.run_many(operations).await,
+            Client::Unix(client) => client.run_many(operations).await,
+        }
+    }
+}
+
+/// One memcached server addressed directly, as `memcached.servers` names it
+/// (`ip:port`, or `unix:/path` for its socket), for tools that must write to
+/// or read from one particular server: `mcpage check` writes a different
+/// probe to each server to see which one nginx reads. The [`Cache`](crate::Cache)
+/// routes by nginx's ring instead; use it for pages.
+///
+/// ```no_run
+/// # async fn example() -> mcpage::Result<()> {
+/// use memcache::exp::{Get, Set};
+/// use std::time::Duration;
+///
+/// let server = mcpage::MemcachedClient::connect("unix:/run/memcached/memcached.sock", Duration::from_millis(500)).await?;
+/// server.run(Set::new("/about", b"<p>about</p>".as_slice())).await?;
+/// let page = server.run(Get::new("/about")).await?;
+/// # Ok(())
+/// # }
+/// ```
+pub struct MemcachedClient {
+    name: String,
+    client: Client,
+}
+
+impl std::fmt::Debug for MemcachedClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemcachedClient")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemcachedClient {
+    /// A client for `address`, `timeout` per exchange (connecting included).
+    /// Nothing is sent until the first operation.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Memcached`] when an `ip:port` address cannot be used.
+    pub async fn connect(address: &str, timeout: Duration) -> Result<MemcachedClient> {
+        Ok(MemcachedClient {
+            name: address.to_owned(),
+            client: Client::connect(address, timeout, 1).await?,
+        })
+    }
+
+    /// The server as given to [`connect`](Self::connect).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Run one `memcache::exp` operation (`Get`, `Set`, `Delete`, ...).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Memcached`] naming the server, with the client's error
+    /// (transport, timeout, or a reply the server refused the command with).
+    pub async fn run<O: Operation>(&self, operation: O) -> Result<O::Output> {
+        self.client
+            .run(operation)
+            .await
+            .map_err(|source| Error::Memcached {
+                server: self.name.clone(),
+                source: Arc::new(source),
+            })
+    }
+}
+
 /// A raw connection to a server, for what the meta client does not do.
 pub(crate) type Stream = Either<TcpStream, UnixStream>;
 
@@ -126,11 +231,7 @@ impl Server {
         operation: O,
     ) -> Result<O::Output> {
         self.check(circuit)?;
-        let outcome = match &self.client {
-            Client::Tcp(client) => client.run(operation).await,
-            Client::Unix(client) => client.run(operation).await,
-        };
-        match outcome {
+        match self.client.run(operation).await {
             Ok(output) => {
                 self.breaker.record_success();
                 Ok(output)
@@ -157,11 +258,7 @@ impl Server {
         if let Err(error) = self.check(circuit) {
             return fail_all(count, &error);
         }
-        let outcome = match &self.client {
-            Client::Tcp(client) => client.run_many(operations).await,
-            Client::Unix(client) => client.run_many(operations).await,
-        };
-        match outcome {
+        match self.client.run_many(operations).await {
             Ok(results) => {
                 let mut failed = false;
                 let out = results
@@ -291,27 +388,12 @@ impl Pool {
         let timeout = Duration::from_millis(config.timeout_ms);
         let mut servers = Vec::with_capacity(specs.len());
         for spec in specs {
-            let client = match spec.address.strip_prefix("unix:") {
-                Some(path) => {
-                    Client::Unix(unix::UnixClient::new(path.into(), config.max_idle, timeout))
-                }
-                None => Client::Tcp(
-                    MetaClientBuilder::new()
-                        .io_timeout(Some(timeout))
-                        .connect_timeout(Some(timeout))
-                        .max_idle(config.max_idle)
-                        .connect_async(spec.address.as_str())
-                        .await
-                        .map_err(|source| Error::Memcached {
-                            server: spec.address.clone(),
-                            source: Arc::new(source),
-                        })?,
-                ),
-            };
+            let client = Client::connect(&spec.address, timeout, config.max_idle).await?;
             servers.push(Server {
                 name: spec.address.clone(),
                 client,
                 breaker: Breaker::new(
+                    spec.address.as_str(),
                     config.breaker_failures,
                     Duration::from_millis(config.breaker_cooldown_ms),
                 ),
