@@ -128,6 +128,11 @@ impl ServerSpec {
                 Some(("weight", n)) => {
                     spec.weight = n.parse().map_err(|_| format!("bad weight `{n}`"))?;
                 }
+                _ if spec.address.starts_with("unix:") && !word.contains('=') => {
+                    return Err(format!(
+                        "`{text}`: no spaces in a socket path (nginx's `server` line ends the path at the first space)"
+                    ));
+                }
                 _ => {
                     return Err(format!(
                         "unsupported server parameter `{word}` (only weight=N)"
@@ -1057,6 +1062,17 @@ mod tests {
                 .extract::<Config>()
                 .expect_err("unsupported parameter");
             assert!(err.to_string().contains("max_fails"), "{err}");
+            jail.create_file(
+                "mcpage.toml",
+                "[memcached]\nservers = [\"unix:/run/my dir/mc.sock\"]\n",
+            )?;
+            let err = Config::figment()
+                .extract::<Config>()
+                .expect_err("a socket path with a space");
+            assert!(
+                err.to_string().contains("no spaces in a socket path"),
+                "{err}"
+            );
             Ok(())
         });
     }

@@ -69,7 +69,9 @@ impl Breaker {
         }
     }
 
-    pub(crate) fn record_failure(&self) {
+    /// One more consecutive failure; `error` is logged when it opens the
+    /// breaker (a permission or path problem shows at the default log level).
+    pub(crate) fn record_failure(&self, error: &dyn std::fmt::Display) {
         let failures = self
             .consecutive_failures
             .fetch_add(1, Ordering::AcqRel)
@@ -78,7 +80,12 @@ impl Breaker {
             let next = self.now_ms() + self.cooldown_ms();
             if self.open_until_ms.swap(next, Ordering::AcqRel) == 0 {
                 self.opened_total.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(server = %self.server, failures, "memcached circuit breaker opened");
+                tracing::warn!(
+                    server = %self.server,
+                    failures,
+                    error = %error,
+                    "memcached circuit breaker opened"
+                );
             }
         }
     }
@@ -100,10 +107,10 @@ mod tests {
     fn opens_after_threshold_and_probes_once_per_cooldown() {
         let breaker = Breaker::new("s", 3, Duration::ZERO);
         assert!(breaker.allow());
-        breaker.record_failure();
-        breaker.record_failure();
+        breaker.record_failure(&"test");
+        breaker.record_failure(&"test");
         assert!(!breaker.is_open());
-        breaker.record_failure();
+        breaker.record_failure(&"test");
         assert!(breaker.is_open());
         assert_eq!(breaker.opened_total(), 1);
         breaker.record_success();
@@ -114,7 +121,7 @@ mod tests {
     #[test]
     fn open_breaker_refuses_until_cooldown() {
         let breaker = Breaker::new("s", 1, Duration::from_secs(3600));
-        breaker.record_failure();
+        breaker.record_failure(&"test");
         assert!(!breaker.allow());
         assert!(!breaker.allow());
     }
@@ -122,7 +129,7 @@ mod tests {
     #[test]
     fn half_open_lets_exactly_one_probe_through() {
         let breaker = Breaker::new("s", 1, Duration::from_millis(1));
-        breaker.record_failure();
+        breaker.record_failure(&"test");
         // Poll until the 1 ms cooldown has passed; then one probe, then refusal.
         let deadline = Instant::now() + Duration::from_secs(5);
         while breaker.now_ms() < breaker.open_until_ms.load(Ordering::Acquire) {

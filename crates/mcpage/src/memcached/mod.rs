@@ -143,6 +143,11 @@ impl MemcachedClient {
     }
 }
 
+/// The longest pause between two lines of a text command's answer (raised to
+/// `memcached.timeout_ms` when that is longer): memcached's LRU crawler may
+/// take a moment to start a metadump.
+const TEXT_IDLE_FLOOR: Duration = Duration::from_secs(2);
+
 /// A raw connection to a server, for what the meta client does not do.
 pub(crate) type Stream = Either<TcpStream, UnixStream>;
 
@@ -238,7 +243,7 @@ impl Server {
             }
             Err(error) => {
                 if is_server_failure(&error) {
-                    self.breaker.record_failure();
+                    self.breaker.record_failure(&error);
                 }
                 Err(self.error(error))
             }
@@ -260,18 +265,20 @@ impl Server {
         }
         match self.client.run_many(operations).await {
             Ok(results) => {
-                let mut failed = false;
+                let mut failed = None;
                 let out = results
                     .into_iter()
                     .map(|result| {
                         result.map_err(|error| {
-                            failed |= is_server_failure(&error);
+                            if failed.is_none() && is_server_failure(&error) {
+                                failed = Some(error.to_string());
+                            }
                             self.error(error)
                         })
                     })
                     .collect();
-                if failed {
-                    self.breaker.record_failure();
+                if let Some(error) = failed {
+                    self.breaker.record_failure(&error);
                 } else {
                     self.breaker.record_success();
                 }
@@ -279,7 +286,7 @@ impl Server {
             }
             Err(error) => {
                 if is_server_failure(&error) {
-                    self.breaker.record_failure();
+                    self.breaker.record_failure(&error);
                 }
                 let error = self.error(error);
                 fail_all(count, &error)
@@ -328,6 +335,10 @@ impl Server {
         deadline: Duration,
     ) -> Result<Vec<Vec<u8>>> {
         let io = |e: std::io::Error| self.error(memcache::exp::Error::Io(e));
+        // A long answer (a metadump) may take `deadline`, but a server that
+        // stops sending (paused, overloaded) fails after `idle`, not after
+        // the whole deadline: `mcpage stats` must not hang for a minute.
+        let idle = self.timeout.max(TEXT_IDLE_FLOOR);
         let exchange = async {
             let mut stream = self.connect().await.map_err(io)?;
             stream.write_all(command.as_bytes()).await.map_err(io)?;
@@ -336,7 +347,14 @@ impl Server {
             let mut lines = Vec::new();
             loop {
                 let mut line = Vec::new();
-                if reader.read_until(b'\n', &mut line).await.map_err(io)? == 0 {
+                let read = tokio::time::timeout(idle, reader.read_until(b'\n', &mut line))
+                    .await
+                    .map_err(|_| {
+                        self.error(memcache::exp::Error::Timeout {
+                            key: command.as_bytes().to_vec(),
+                        })
+                    })?;
+                if read.map_err(io)? == 0 {
                     return Err(Error::Protocol {
                         server: self.name.clone(),
                         message: format!("connection closed during `{command}`"),
@@ -363,7 +381,11 @@ impl Server {
         };
         tokio::time::timeout(deadline.max(self.timeout), exchange)
             .await
-            .map_err(|_| self.error(memcache::exp::Error::Timeout { key: Vec::new() }))?
+            .map_err(|_| {
+                self.error(memcache::exp::Error::Timeout {
+                    key: command.as_bytes().to_vec(),
+                })
+            })?
     }
 }
 
