@@ -141,9 +141,9 @@ def test_unconfirmed_work_is_handed_to_the_proxy_and_confirmed_when_memcached_is
 
     directory = short_tempdir("mcpage-retry-")
     started = []
+    memcached = None
     try:
         memcached = processes.Memcached(directory)
-        started.append(memcached.process)
         listen = f"127.0.0.1:{processes.free_port()}"
         config = directory / "mcpage.toml"
         config.write_text(
@@ -174,4 +174,7 @@ def test_unconfirmed_work_is_handed_to_the_proxy_and_confirmed_when_memcached_is
         pytest.fail(str(missing), pytrace=False)
     finally:
         processes.stop_all([p for p in started if p is not None])
+        # After stop() and start() it is another process than the first one.
+        if memcached is not None:
+            memcached.stop()
         processes.shutil.rmtree(directory, ignore_errors=True)
