@@ -81,8 +81,18 @@ struct Counts {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_answer_is_older_than_a_returned_invalidation() {
+    read_your_writes([Memcached::start(), Memcached::start()]).await;
+}
+
+/// The same over unix sockets: nginx and both apps reach the two memcached
+/// over their sockets (the apps through mcpage's own unix transport).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_answer_is_older_than_a_returned_invalidation_over_unix_sockets() {
+    read_your_writes([Memcached::start_unix(&[]), Memcached::start_unix(&[])]).await;
+}
+
+async fn read_your_writes(memcached: [Memcached; 2]) {
     let seconds = env_count("MCPAGE_RW_SECONDS", 3);
-    let memcached = [Memcached::start(), Memcached::start()];
     let db = Arc::new(Database {
         version: AtomicU64::new(0),
         renders: AtomicU64::new(0),

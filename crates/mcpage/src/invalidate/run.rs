@@ -429,18 +429,11 @@ impl Runner {
             // the key itself unless the key has escapes.
             let (quiet, plain): (Vec<&[u8]>, Vec<&[u8]>) =
                 todo.into_iter().partition(|key| quiet_safe(key));
-            fn value(key: &[u8]) -> Cow<'_, [u8]> {
-                if key.contains(&b'%') {
-                    memcached_unescape(key).map_or(Cow::Borrowed(key), Cow::Owned)
-                } else {
-                    Cow::Borrowed(key)
-                }
-            }
             let quiet_pairs: Vec<(Cow<'_, [u8]>, &[u8])> =
-                quiet.iter().map(|key| (value(key), *key)).collect();
+                quiet.iter().map(|key| (ring_value(key), *key)).collect();
             let plain_ops = plain
                 .iter()
-                .map(|key| (value(key).into_owned(), Delete::new(*key)))
+                .map(|key| (ring_value(key).into_owned(), Delete::new(*key)))
                 .collect();
             let (quiet_results, plain_results) = futures_util::future::join(
                 self.pages.delete_quiet_routed(&quiet_pairs),
@@ -631,6 +624,15 @@ impl Runner {
             self.pages.route(&key).run(Circuit::Ignore, set).await?;
         }
         Ok(removed)
+    }
+}
+
+/// The value V nginx hashes for a page key K: K itself unless it has escapes.
+fn ring_value(key: &[u8]) -> Cow<'_, [u8]> {
+    if key.contains(&b'%') {
+        memcached_unescape(key).map_or(Cow::Borrowed(key), Cow::Owned)
+    } else {
+        Cow::Borrowed(key)
     }
 }
 

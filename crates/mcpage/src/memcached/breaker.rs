@@ -64,7 +64,11 @@ impl Breaker {
 
     pub(crate) fn record_success(&self) {
         self.consecutive_failures.store(0, Ordering::Release);
-        if self.open_until_ms.swap(0, Ordering::AcqRel) != 0 {
+        // A load first: the common case (closed) stays a plain read on the
+        // request path; only a success after an opening pays the swap.
+        if self.open_until_ms.load(Ordering::Acquire) != 0
+            && self.open_until_ms.swap(0, Ordering::AcqRel) != 0
+        {
             tracing::info!(server = %self.server, "memcached circuit breaker closed");
         }
     }

@@ -88,7 +88,8 @@ impl Client {
 /// use memcache::exp::{Get, Set};
 /// use std::time::Duration;
 ///
-/// let server = mcpage::MemcachedClient::connect("unix:/run/memcached/memcached.sock", Duration::from_millis(500)).await?;
+/// let socket = "unix:/run/memcached/memcached.sock";
+/// let server = mcpage::MemcachedClient::connect(socket, Duration::from_millis(500)).await?;
 /// server.run(Set::new("/about", b"<p>about</p>".as_slice())).await?;
 /// let page = server.run(Get::new("/about")).await?;
 /// # Ok(())
